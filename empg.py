@@ -1,0 +1,590 @@
+"""EM Policy Gradient (EMPG) — train an LLM to reason, in one file.
+
+Tianbing Xu, "Training Large Language Models to Reason via EM Policy Gradient" (arXiv 2504.18587).
+Each step of Algorithm 1:
+  E-step   freeze θ* ← θ and sample N completions per prompt from Pθ* at temperature 1 (§3, Eq. 7-8)
+  reward   R(τ) ∈ {0,1}; smooth it: R̃ = sigmoid((R − μ)/σ) over the batch (Eq. 10-11)
+  M-step   ascend E_{τ~θ*}[(R̃(τ) − b) ∇ log Pθ(τ)] — no importance ratio, no clipping (Eq. 12)
+`--algo grpo` swaps in the paper's comparator: group z-score advantages and the PPO-clip surrogate.
+
+    python empg.py --model Qwen/Qwen2.5-1.5B                       # GSM8K, the paper's setup
+    python empg.py --model Qwen/Qwen2.5-1.5B --dataset math-hard   # MATH levels 3-5
+"""
+import argparse, contextlib, copy, json, math, os, re, shutil, sys, time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Arguments — defaults follow the author's released code; the paper's value is noted where it differs
+def arg(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Args:
+    model: str = arg("Qwen/Qwen2.5-1.5B", "hub name or local dir (a config-only dir gives random weights)")
+    tokenizer: str = arg("", "tokenizer hub name or dir (default: --model)")
+    dataset: str = arg("gsm8k", "gsm8k | math-hard | PATH.jsonl (rows with question/problem/prompt and answer)")
+    data_dir: str = arg("", "local folder laid out like ../shared/data (default: the Hugging Face hub)")
+    prompt_template: str = arg("", "prompt with a {question} placeholder (default: the dataset's)")
+    algo: str = arg("empg", "empg (Eq. 12) or grpo (the paper's comparator)", ["empg", "grpo"])
+    steps: int = arg(225, "optimizer steps = E-steps (the paper's 1.5B GSM8K run: 225)")
+    prompts_per_step: int = arg(32, "prompts per E-step")
+    num_samples: int = arg(8, "N completions per prompt")
+    temperature: float = arg(1.0, "sampling temperature (pure sampling: no top-k/top-p)")
+    max_new_tokens: int = arg(1024, "completion length cap; longer ones are truncated and count as wrong if unfinished")
+    reward_norm: str = arg("batch", "statistics for R̃=sigmoid((R-μ)/σ): batch (paper), group (per prompt), none (R̃=R)",
+                           ["batch", "group", "none"])
+    baseline: str = arg("half", "b in A=2(R̃-b): half (author's 2·sigmoid(z)-1) or mean (paper text)", ["half", "mean"])
+    beta: float = arg(0.0, "KL(πθ‖π_init) coefficient, k3 estimator; 0 loads no reference model")
+    entropy_coef: float = arg(0.0, "entropy bonus coefficient")
+    clip_eps: float = arg(0.2, "PPO clip ε (grpo only)")
+    updates_per_batch: int = arg(1, "optimizer steps per E-step buffer (paper: 1)")
+    lr: float = arg(1e-6, "AdamW learning rate (constant)")
+    weight_decay: float = arg(0.01, "AdamW weight decay")
+    grad_clip: float = arg(1.0, "global grad-norm clip")
+    micro_batch_size: int = arg(8, "sequences per forward/backward in the M-step")
+    logprob_chunk: int = arg(1024, "tokens per chunk of the vocab projection + logsumexp")
+    gradient_checkpointing: str = arg("auto", "recompute layer activations in backward (auto: on for CUDA)",
+                                      ["auto", "on", "off"])
+    dtype: str = arg("auto", "compute dtype (auto: bf16 on CUDA, fp32 on CPU); master weights stay fp32",
+                     ["auto", "bf16", "fp32"])
+    device: str = arg("auto", "cuda | cpu | auto")
+    seed: int = arg(0, "seed for data order and sampling")
+    output_dir: str = arg("", "where metrics, samples and checkpoints go (default: runs/<model>-<dataset>-<algo>)")
+    save_every: int = arg(50, "checkpoint every this many steps (and at the end)")
+    log_samples: int = arg(4, "completions per step written to samples.jsonl")
+    resume: bool = arg(False, "continue from the latest checkpoint in --output-dir")
+
+
+def die(msg):
+    """One clear line on stderr, no traceback, exit 2."""
+    print(f"empg: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Args):
+        flag, h = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default: {f.default})"
+        if f.type is bool:
+            p.add_argument(flag, action="store_true", help=h)
+        else:
+            p.add_argument(flag, type=f.type, default=f.default, choices=f.metadata["choices"], help=h)
+    a = Args(**vars(p.parse_args(argv)))
+    checks = [(a.steps >= 1, "--steps must be >= 1"), (a.prompts_per_step >= 1, "--prompts-per-step must be >= 1"),
+              (a.num_samples >= 1, "--num-samples must be >= 1"), (a.temperature > 0, "--temperature must be > 0"),
+              (a.max_new_tokens >= 1, "--max-new-tokens must be >= 1"), (a.lr >= 0, "--lr must be >= 0"),
+              (a.micro_batch_size >= 1, "--micro-batch-size must be >= 1"), (a.logprob_chunk >= 1, "--logprob-chunk must be >= 1"),
+              (a.updates_per_batch >= 1, "--updates-per-batch must be >= 1"), (a.save_every >= 1, "--save-every must be >= 1"),
+              (a.beta >= 0 and a.grad_clip > 0 and a.clip_eps > 0, "--beta must be >= 0, --grad-clip and --clip-eps > 0"),
+              (a.num_samples >= 2 or (a.reward_norm != "group" and a.algo != "grpo"),
+               "per-prompt statistics (--reward-norm group, --algo grpo) need --num-samples >= 2")]
+    for ok, msg in checks:
+        if not ok:
+            die(msg)
+    return a
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Data and rewards
+GSM8K_TEMPLATE = '{question} Let\'s think step by step and output the final answer after "####".'
+MATH_TEMPLATE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{question}\n"
+                 "Please reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
+                 "<|im_start|>assistant\n")
+
+
+def read_jsonl(path):
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        die(f"cannot read {path}: {getattr(e, 'strerror', None) or e}")
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line)) if line.strip() else None
+        except json.JSONDecodeError as e:
+            die(f"{path}:{n} is not valid JSON ({e.msg})")
+        if rows and not isinstance(rows[-1], dict):
+            die(f"{path}:{n} is not a JSON object")
+    if not rows:
+        die(f"{path} has no rows")
+    return rows
+
+
+def last_boxed(text):
+    """Content of the last \\boxed{...} (or \\fbox{...}), braces matched; None if there is none."""
+    i = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if i < 0:
+        return None
+    j = text.find("{", i)
+    if j < 0 or text[i:j].strip() not in ("\\boxed", "\\fbox"):
+        m = re.match(r"\\boxed ([^\s$]+)", text[i:])  # "\boxed 2"
+        return m.group(1) if m else None
+    depth = 0
+    for k in range(j, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[k], 0)
+        if depth == 0:
+            return text[j + 1:k]
+    return None
+
+
+def hash_answer(text):
+    """The number after the first '#### ' with commas and '$' stripped (the author's strict GSM8K rule)."""
+    m = re.search(r"####\s*\$?\s*(-?[\d,]*\.?\d+)", text)
+    return m.group(1).replace(",", "").replace("$", "") if m else None
+
+
+def last_number(text):
+    nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+", text)
+    return nums[-1].replace(",", "").rstrip(".") if nums else None
+
+
+def _problem(row, path):
+    q = next((row[k] for k in ("question", "problem", "prompt") if k in row), None)
+    if not isinstance(q, str) or "answer" not in row:
+        die(f"{path}: every row needs a 'question' (or 'problem'/'prompt') string and an 'answer'")
+    a = str(row["answer"])
+    return {"question": q, "answer": (hash_answer(a) or a) if "####" in a else a}
+
+
+def load_problems(dataset, split="train", data_dir=""):
+    """Rows {question, answer (the reference final answer)} and the task ('gsm8k' or 'math') that grades them.
+    dataset: gsm8k | math-hard (train: MATH levels 3-5 minus MATH-500; test: MATH-500) | math500 | math-hard-l5 | x.jsonl"""
+    local = lambda *p: read_jsonl(os.path.join(data_dir, *p))
+    if dataset.endswith(".jsonl"):
+        return [_problem(r, dataset) for r in read_jsonl(dataset)], "math"
+    if dataset == "gsm8k":
+        rows = local("gsm8k", f"{split}.jsonl") if data_dir else _hub("openai/gsm8k", "main", split=split)
+        return [_problem(r, "gsm8k") for r in rows], "gsm8k"
+    if dataset in ("math-hard", "math500", "math-hard-l5"):
+        if dataset == "math-hard" and split == "train":  # the author's "MATH HARD" train set
+            if data_dir:
+                m500 = {r["problem"] for r in local("math", "math500_test.jsonl")}
+                rows = local("math", "train.jsonl") + local("math", "test.jsonl")
+            else:
+                m500 = {r["problem"] for r in _hub("HuggingFaceH4/MATH-500", split="test")}
+                rows = [dict(r, level=r["level"].split()[-1]) for s in ("train", "test")
+                        for r in _hub("DigitalLearningGmbH/MATH-lighteval", split=s)]
+            rows = [r for r in rows if str(r["level"]).isdigit() and int(r["level"]) >= 3 and r["problem"] not in m500]
+        elif dataset == "math-hard-l5":
+            rows = (local("math", "hard_test.jsonl") if data_dir else
+                    [r for r in _hub("DigitalLearningGmbH/MATH-lighteval", split="test") if r["level"] == "Level 5"])
+        else:  # math500 and the math-hard eval set
+            rows = local("math", "math500_test.jsonl") if data_dir else _hub("HuggingFaceH4/MATH-500", split="test")
+        return [{"question": r["problem"], "answer": r.get("answer") or last_boxed(r["solution"]) or ""} for r in rows], "math"
+    die(f"unknown dataset {dataset!r}: use gsm8k, math-hard, math500, math-hard-l5 or a .jsonl file")
+
+
+def _hub(*a, **kw):
+    try:
+        import datasets
+        return list(datasets.load_dataset(*a, **kw))
+    except Exception as e:
+        die(f"cannot load {a[0]} from the Hugging Face hub ({type(e).__name__}); pass --data-dir DIR for local files")
+
+
+def default_template(dataset, task):
+    return "{question}" if dataset.endswith(".jsonl") else GSM8K_TEMPLATE if task == "gsm8k" else MATH_TEMPLATE
+
+
+def gsm8k_reward(completion, answer):
+    """1.0 iff the number after the first '#### ' equals the reference exactly (the author's strict rule)."""
+    ref = hash_answer(answer) if "####" in answer else answer.strip().replace(",", "")
+    return float(hash_answer(completion) == ref)
+
+
+def extract_answer(completion):
+    """The grading cascade for free-form answers: last \\boxed{} → '#### n' → last number."""
+    return last_boxed(completion) or hash_answer(completion) or last_number(completion)
+
+
+def math_reward(completion, answer):
+    """1.0 iff the extracted answer is math-verify-equal to the reference. A grader error or a
+    time-out (parse 5 s + verify 5 s) counts as wrong, never as a hang."""
+    pred = extract_answer(completion)
+    return float(pred is not None and answers_equal(pred, (hash_answer(answer) or answer) if "####" in answer else answer))
+
+
+def answers_equal(pred, ref):
+    if pred.strip() == ref.strip():
+        return True
+    try:
+        from math_verify import parse, verify
+        gold, got = (parse(f"\\boxed{{{s}}}", parsing_timeout=5) for s in (ref, pred))
+        return bool(gold and got and verify(gold, got, timeout_seconds=5))
+    except Exception:
+        return False
+
+
+REWARDS = {"gsm8k": gsm8k_reward, "math": math_reward}
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. E-step: sample N completions per prompt from the frozen θ*
+def next_token(logits, temperature, generator=None):
+    """Greedy at temperature 0, else an exact sample from softmax(logits / T): argmax(p / E) with
+    E ~ Exp(1) (the exponential race, Gumbel-max in disguise) needs no multinomial and no host sync."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(-1)
+
+
+@torch.no_grad()
+def sample(model, prompts, n, max_new_tokens, eos_ids, pad_id, temperature=1.0, generator=None):
+    """Sample n completions for each prompt (lists of token ids). Returns a list of len(prompts)·n token lists,
+    row i·n+j the j-th sample of prompt i, each ending at (and including) its first EOS unless truncated.
+    Prompts are left-padded so every row's next token sits at the same column; each prompt is prefilled
+    once and its KV cache repeated to its n rows."""
+    from transformers import DynamicCache
+    dev, B, P = model.device, len(prompts), max(map(len, prompts))
+    ids = torch.full((B, P), pad_id, dtype=torch.long, device=dev)
+    mask = torch.zeros((B, P), dtype=torch.long, device=dev)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):], mask[i, P - len(p):] = torch.tensor(p, device=dev), 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only: left padding changes nothing
+    cache = DynamicCache(config=model.config)
+    logits = model(ids, mask, pos, cache, logits_to_keep=1).logits[:, -1]  # 4th arg: the KV cache (renamed in 5.x)
+    cache.batch_repeat_interleave(n)  # prefill once, share across the n samples
+    logits, mask, pos = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), pos[:, -1:].repeat_interleave(n, 0)
+    eos = torch.tensor(sorted(eos_ids), device=dev)
+    out = torch.full((B * n, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    done = torch.zeros(B * n, dtype=torch.bool, device=dev)
+    for t in range(max_new_tokens):
+        tok = next_token(logits, temperature, generator).masked_fill(done, pad_id)
+        out[:, t] = tok
+        done |= torch.isin(tok, eos)
+        if t == max_new_tokens - 1 or (t % 8 == 7 and done.all()):  # host sync only every 8 tokens
+            break
+        mask, pos = torch.cat([mask, mask.new_ones(B * n, 1)], 1), pos + 1
+        logits = model(tok[:, None], mask, pos, cache).logits[:, -1]
+    completions = []
+    for row in out[:, :t + 1].tolist():
+        end = next((k + 1 for k, x in enumerate(row) if x in eos_ids), len(row))
+        completions.append(row[:end])
+    return completions
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. M-step: the loss
+def sigmoid_normalize(rewards, norm="batch", group_size=None):
+    """R̃ = sigmoid((R − μ)/sqrt(σ² + 1e-8)) (Eq. 10-11), μ and unbiased σ² over the batch ('batch', the paper's
+    mini-batch) or over each prompt's group of consecutive group_size samples ('group'); 'none' gives R̃ = R.
+    All-equal rewards give z = 0 (R̃ = ½), never NaN. Statistics are over sequences; the author's code
+    weights them by token count instead — per-sequence keeps R̃ a function of rewards alone."""
+    if norm == "none":
+        return rewards.float()
+    r = rewards.float().reshape(-1, group_size if norm == "group" else rewards.numel())
+    var = r.var(dim=1, keepdim=True) if r.shape[1] > 1 else torch.zeros_like(r[:, :1])
+    return torch.sigmoid((r - r.mean(dim=1, keepdim=True)) / torch.sqrt(var + 1e-8)).reshape(rewards.shape)
+
+
+def advantages(rewards, group_size, algo="empg", reward_norm="batch", baseline="half"):
+    """EMPG: A = 2(R̃ − b), b = ½ (the author's 2·sigmoid(z) − 1, in [−1, 1]) or b = mean R̃.
+    GRPO: A = (R − mean_group) / (std_group + 1e-6)."""
+    if algo == "grpo":
+        r = rewards.float().reshape(-1, group_size)
+        return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).reshape(rewards.shape)
+    rt = sigmoid_normalize(rewards, reward_norm, group_size)
+    return 2 * (rt - (0.5 if baseline == "half" else rt.mean()))
+
+
+def _chunk_logprobs(h, y, weight, temperature, with_entropy):
+    logits = F.linear(h, weight).float() / temperature  # re-score at the sampling temperature
+    lse = logits.logsumexp(-1)
+    logp = logits.gather(-1, y[:, None]).squeeze(-1) - lse
+    if not with_entropy:
+        return logp[:, None]
+    return torch.stack([logp, lse - (logits.softmax(-1) * logits).sum(-1)], -1)
+
+
+def completion_logprobs(model, input_ids, attention_mask, completion_mask, temperature=1.0, chunk=1024,
+                        with_entropy=False):
+    """log πθ(y_t | x, y_<t) / T-scaled, for each completion token: (B, T) fp32, 0 where completion_mask is 0.
+    input_ids = [left-padded prompt | right-padded completion of T columns]; the EOS token is a completion token.
+    Memory: logits exist only for real completion tokens, `chunk` tokens at a time, recomputed in backward —
+    never the (B × L × vocab) fp32 tensor. With with_entropy, returns (logp, entropy)."""
+    T = completion_mask.shape[1]
+    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False,
+                logits_to_keep=1, output_hidden_states=True)  # final-norm hidden states; skip the full logits
+    sel = completion_mask.bool()
+    h, y = out.hidden_states[-1][:, -T - 1:-1][sel], input_ids[:, -T:][sel]  # state t predicts token t+1
+    w = model.get_output_embeddings().weight
+    parts = [checkpoint(_chunk_logprobs, h[i:i + chunk], y[i:i + chunk], w, temperature, with_entropy,
+                        use_reentrant=False) for i in range(0, len(y), chunk)]
+    flat = torch.cat(parts) if parts else h.new_zeros(0, 2 if with_entropy else 1, dtype=torch.float32)
+    res = [flat.new_zeros(sel.shape).masked_scatter(sel, flat[:, k]) for k in range(flat.shape[1])]
+    return tuple(res) if with_entropy else res[0]
+
+
+def seq_mean(x, mask):
+    """Mean over each sequence's completion tokens → (B,)."""
+    return (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+# Loss aggregation: per-sequence token mean, then mean over sequences (Eq. 12's E_τ weighs every trajectory
+# equally; the token mean keeps one long rambling completion from outweighing short correct ones).
+def empg_loss(logp, mask, adv):
+    """L = −mean_τ [ mean_t A(τ) log πθ(y_t) ] (Eq. 12): plain REINFORCE on smoothed rewards — no ratio, no clip."""
+    return -seq_mean(adv[:, None] * logp, mask).mean()
+
+
+def grpo_loss(logp, old_logp, mask, adv, clip_eps=0.2):
+    """PPO-clip surrogate with importance ratio ρ = πθ/πθ*: −mean_τ mean_t min(ρA, clip(ρ, 1±ε)A)."""
+    ratio = torch.exp(logp - old_logp)
+    surr = torch.minimum(ratio * adv[:, None], ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv[:, None])
+    return -seq_mean(surr, mask).mean()
+
+
+def kl_k3(logp, ref_logp):
+    """Per-token k3 estimator of KL(πθ‖π_ref): exp(r) − r − 1, r = ref − logp (≥ 0, unbiased)."""
+    r = ref_logp - logp
+    return torch.exp(r) - r - 1
+
+
+def collate(prompts, completions, pad_id, device):
+    """[left-padded prompt | right-padded completion] ids, attention mask and completion mask."""
+    P, T = max(map(len, prompts)), max(max(map(len, completions)), 1)
+    ids = torch.full((len(prompts), P + T), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, P - len(p):P + len(c)] = torch.tensor(p + c)
+        attn[i, P - len(p):P + len(c)] = 1
+    return ids.to(device), attn.to(device), attn[:, P:].float().to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Training loop
+def load_model(name, device, dtype=torch.float32):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    if (os.path.isabs(name) or name.startswith(".")) and not os.path.isdir(name):
+        die(f"cannot load model {name!r}: no such directory")
+    try:
+        if os.path.isdir(name) and not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(name)):
+            cfg = AutoConfig.from_pretrained(name)  # config-only dir: random weights (benchmarks, tests)
+            torch.manual_seed(0)
+            return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
+    except Exception as e:
+        die(f"cannot load model {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+def load_tokenizer(name):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        die(f"cannot load tokenizer {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+def stop_ids(tok, model, template):
+    """Every id that ends a completion: the tokenizer's and the model's EOS, plus <|im_end|> for chat markup."""
+    ids = {tok.eos_token_id}
+    for src in (model.config, getattr(model, "generation_config", None)):
+        e = getattr(src, "eos_token_id", None)
+        ids |= set(e if isinstance(e, list) else [e])
+    if "<|im_end|>" in template and "<|im_end|>" in tok.get_vocab():
+        ids.add(tok.convert_tokens_to_ids("<|im_end|>"))
+    return {i for i in ids if i is not None}
+
+
+def step_prompts(step, n_rows, k, seed):
+    """Row indices for a step: consecutive slices of a fresh permutation per epoch — a pure function of
+    (seed, step), so a resumed run sees the same data order."""
+    idx = []
+    for j in range(step * k, step * k + k):
+        epoch, i = divmod(j, n_rows)
+        idx.append(torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch))[i].item())
+    return idx
+
+
+def setup(args):
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        die("--device cuda but no CUDA GPU is visible")
+    dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
+             "fp32": torch.float32}[args.dtype]
+    if dtype == torch.bfloat16 and dev.type == "cpu" and not torch.cpu._is_avx512_bf16_supported():
+        die("--dtype bf16 on a CPU without native bf16 (AVX512-BF16); use --dtype fp32")
+    return dev, dtype
+
+
+def train(args):
+    dev, dtype = setup(args)
+    rows, task = load_problems(args.dataset, "train", args.data_dir)
+    template = args.prompt_template or default_template(args.dataset, task)
+    out_dir = args.output_dir or os.path.join("runs", f"{os.path.basename(args.model.rstrip('/'))}-"
+                                              f"{os.path.basename(args.dataset)}-{args.algo}")
+    ckpt = latest_checkpoint(out_dir) if args.resume else None
+    if args.resume and ckpt is None:
+        die(f"--resume: no checkpoint with trainer_state.pt in {out_dir}")
+    policy = load_model(ckpt or args.model, dev)  # fp32 master weights: a 1e-6 step on a bf16 weight would round away
+    tok = load_tokenizer(args.tokenizer or args.model)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos_ids = stop_ids(tok, policy, template)
+    if args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and dev.type == "cuda"):
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.config.use_cache = False
+    # θ*: the sampler is a frozen low-precision copy refreshed after every step (fp32 training reuses the policy).
+    sampler = copy.deepcopy(policy).to(dtype).eval().requires_grad_(False) if dtype != torch.float32 else policy
+    ref = (copy.deepcopy(sampler) if ckpt is None else load_model(args.model, dev, dtype)).eval().requires_grad_(False) \
+        if args.beta > 0 else None
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
+                            **({"fused": True} if dev.type == "cuda" else {}))
+    start = 0
+    if ckpt:
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location=dev, weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+    os.makedirs(out_dir, exist_ok=True)
+    truncate_log(os.path.join(out_dir, "metrics.jsonl"), start)
+    truncate_log(os.path.join(out_dir, "samples.jsonl"), start)
+    with open(os.path.join(out_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+    autocast = (lambda: torch.autocast(dev.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
+    ctx = dict(args=args, dev=dev, autocast=autocast, pad_id=pad_id, ref=ref)
+
+    from tqdm import tqdm
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.algo}", dynamic_ncols=True)
+    step = start
+    try:
+        for step in bar:
+            # E-step (Algorithm 1, line 3): θ* ← θ; τ ~ Pθ*(τ | x) for N samples per prompt
+            t0 = time.time()
+            if sampler is not policy:
+                with torch.no_grad():
+                    for ps, p in zip(sampler.parameters(), policy.parameters()):
+                        ps.copy_(p)
+            batch = [rows[i] for i in step_prompts(step, len(rows), args.prompts_per_step, args.seed)]
+            prompts = [tok(template.replace("{question}", r["question"]), add_special_tokens=False)["input_ids"]
+                       for r in batch]
+            g = torch.Generator(dev).manual_seed(args.seed * 1_000_003 + step)  # per-step RNG: exact resume
+            comps = sample(sampler, prompts, args.num_samples, args.max_new_tokens, eos_ids, pad_id,
+                           args.temperature, g)
+            texts = tok.batch_decode(comps, skip_special_tokens=True)
+            answers = [r["answer"] for r in batch for _ in range(args.num_samples)]
+            # Reward R(τ) ∈ {0,1}: the final answer is correct (a truncated completion is graded as it stands)
+            rewards = torch.tensor([REWARDS[task](c, a) for c, a in zip(texts, answers)])
+            adv = advantages(rewards, args.num_samples, args.algo, args.reward_norm, args.baseline)
+            n_tok = sum(map(len, comps))
+            estep_s = time.time() - t0
+            # M-step (Eq. 12): ascend Σ A(τ) ∇ log Pθ(τ) with the samples of θ*, then discard them
+            t1 = time.time()
+            stats = m_step(policy, opt, [p for p in prompts for _ in range(args.num_samples)], comps, adv, ctx)
+            mstep_s = time.time() - t1
+            truncated = [len(c) == args.max_new_tokens and c[-1] not in eos_ids for c in comps]
+            m = dict(step=step + 1, reward_mean=rewards.mean().item(), reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,
+                     adv_abs_mean=adv.abs().mean().item(), **stats,
+                     response_len_mean=n_tok / len(comps), truncated_frac=sum(truncated) / len(comps),
+                     estep_s=estep_s, mstep_s=mstep_s, estep_tok_s=n_tok / estep_s,
+                     mstep_tok_s=(sum(map(len, prompts)) * args.num_samples + n_tok) * args.updates_per_batch / mstep_s,
+                     lr=args.lr)
+            append_jsonl(os.path.join(out_dir, "metrics.jsonl"), [m])
+            append_jsonl(os.path.join(out_dir, "samples.jsonl"),
+                         [dict(step=step + 1, prompt=tok.decode(prompts[i // args.num_samples]), completion=texts[i],
+                               answer=answers[i], reward=rewards[i].item())
+                          for i in range(0, len(texts), max(1, len(texts) // max(args.log_samples, 1)))][:args.log_samples])
+            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", len=f"{m['response_len_mean']:.0f}",
+                            tok_s=f"{m['estep_tok_s']:.0f}", loss=f"{m['loss']:.4f}")
+            if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+                save_checkpoint(out_dir, policy, tok, opt, step + 1, args)
+    except KeyboardInterrupt:  # nothing lost on Ctrl-C: keep the finished steps
+        if step > start:
+            save_checkpoint(out_dir, policy, tok, opt, step, args)
+        print(f"\ninterrupted; saved step {step} to {out_dir}; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+    return out_dir
+
+
+def m_step(policy, opt, prompts, comps, adv, ctx):
+    """`updates_per_batch` optimizer steps on one E-step buffer, in length-sorted micro-batches."""
+    args, dev = ctx["args"], ctx["dev"]
+    S = len(comps)
+    order = sorted(range(S), key=lambda i: len(prompts[i]) + len(comps[i]), reverse=True)
+    mbs = [order[i:i + args.micro_batch_size] for i in range(0, S, args.micro_batch_size)]
+    old = {}  # θ*'s log-probs for the GRPO ratio: the first pass runs at θ = θ*, so they come for free
+    policy.train()
+    for k in range(args.updates_per_batch):
+        tot = dict(loss=0.0, kl=0.0, entropy=0.0, clip_frac=0.0)
+        for j, mb in enumerate(mbs):
+            ids, attn, cmask = collate([prompts[i] for i in mb], [comps[i] for i in mb], ctx["pad_id"], dev)
+            a = adv[mb].to(dev)
+            with ctx["autocast"]():
+                res = completion_logprobs(policy, ids, attn, cmask, args.temperature, args.logprob_chunk,
+                                          with_entropy=args.entropy_coef > 0)
+            logp, ent = res if args.entropy_coef > 0 else (res, None)
+            if k == 0:
+                old[j] = logp.detach()
+            w = len(mb) / S  # micro-batch losses are means; weight them so the sum is the batch mean
+            if args.algo == "grpo":
+                loss = grpo_loss(logp, old[j], cmask, a, args.clip_eps)
+                ratio = torch.exp(logp.detach() - old[j])
+                tot["clip_frac"] += w * seq_mean(((ratio - 1).abs() > args.clip_eps).float(), cmask).mean().item()
+            else:
+                loss = empg_loss(logp, cmask, a)
+            if ctx["ref"] is not None:
+                with torch.no_grad(), ctx["autocast"]():
+                    ref_logp = completion_logprobs(ctx["ref"], ids, attn, cmask, args.temperature, args.logprob_chunk)
+                kl = seq_mean(kl_k3(logp, ref_logp), cmask).mean()
+                loss = loss + args.beta * kl
+                tot["kl"] += w * kl.item()
+            if ent is not None:
+                e = seq_mean(ent, cmask).mean()
+                loss = loss - args.entropy_coef * e
+                tot["entropy"] += w * e.item()
+            (loss * w).backward()
+            tot["loss"] += w * loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip).item()
+        skipped = not (math.isfinite(tot["loss"]) and math.isfinite(grad_norm))
+        if not skipped:  # a non-finite loss skips the step (logged) instead of poisoning the weights
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    return dict(tot, grad_norm=grad_norm, skipped=int(skipped))
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Checkpoints and logs
+def save_checkpoint(out_dir, policy, tok, opt, step, args):
+    """HF save_pretrained dir (loadable by transformers and eval.py) + optimizer state for --resume. Written
+    to a temp dir and renamed, so a crash mid-save never leaves a half checkpoint; older checkpoints keep
+    their weights but drop the optimizer state."""
+    final, tmp = os.path.join(out_dir, f"checkpoint-{step:06d}"), os.path.join(out_dir, f".tmp-checkpoint-{step:06d}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    torch.save({"optimizer": opt.state_dict(), "step": step, "args": asdict(args)}, os.path.join(tmp, "trainer_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for d in os.listdir(out_dir):
+        p = os.path.join(out_dir, d, "trainer_state.pt")
+        if d.startswith("checkpoint-") and d != os.path.basename(final) and os.path.exists(p):
+            os.remove(p)
+
+
+def latest_checkpoint(out_dir):
+    ok = [d for d in sorted(os.listdir(out_dir)) if d.startswith("checkpoint-")
+          and os.path.exists(os.path.join(out_dir, d, "trainer_state.pt"))] if os.path.isdir(out_dir) else []
+    return os.path.join(out_dir, ok[-1]) if ok else None
+
+
+def append_jsonl(path, rows):
+    with open(path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def truncate_log(path, step):
+    """On resume, drop log rows past the checkpoint so the log matches an uninterrupted run."""
+    if os.path.exists(path):
+        keep = [l for l in open(path) if l.strip() and json.loads(l)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(keep)
+
+
+if __name__ == "__main__":
+    train(parse_args())
