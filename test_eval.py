@@ -1,0 +1,109 @@
+"""Tests for eval.py: estimators against hand computation and brute force, graders on crafted strings, CLI runs."""
+import itertools, json, os
+
+import pytest
+
+import eval as ev
+from test_empg import DATA, read_jsonl, run_cli, tiny_model
+
+
+def test_pass_at_k_by_hand_and_brute_force():
+    assert ev.pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert ev.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 − C(3,2)/C(5,2)
+    assert ev.pass_at_k(4, 0, 2) == 0 and ev.pass_at_k(4, 3, 2) == 1
+    for n in range(1, 7):
+        for c in range(n + 1):
+            for k in range(1, n + 1):  # the fraction of k-subsets holding at least one correct sample
+                subsets = list(itertools.combinations([1] * c + [0] * (n - c), k))
+                assert ev.pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
+
+
+def test_majority_vote_equivalence_and_ties():
+    assert ev.majority_vote(["3", "4", "3", "4"]) == "3"  # tie → the answer seen first
+    assert ev.majority_vote(["4", "3", "3", "4"]) == "4"
+    assert ev.majority_vote(["7", "0.5", "\\frac{1}{2}", "7", "\\dfrac12"]) == "0.5"  # 3 equivalent beat 2
+    assert ev.majority_vote([None, "2", None]) == "2" and ev.majority_vote([None]) is None
+
+
+def test_gsm8k_strict_vs_lenient():
+    g = ev.grade("So she has \\boxed{18} eggs.", "#### 18", "gsm8k")
+    assert g["correct"] is False and g["lenient"] is True and g["extracted"] == "18"
+    g = ev.grade("... #### 18", "18", "gsm8k")
+    assert g["correct"] and g["lenient"]
+    g = ev.grade("The total is 18 dollars, not 19.", "18", "gsm8k")
+    assert not g["correct"] and not g["lenient"]  # lenient takes the last number: 19
+
+
+@pytest.mark.parametrize("pred,ref,ok", [
+    ("\\frac{1}{2}", "0.5", True), ("\\dfrac12", "\\frac{1}{2}", True), ("0.5", "\\dfrac{1}{2}", True),
+    ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}", True), ("(1,2]", "(1, 2]", True), ("(1,2)", "(1,2]", False),
+    ("x = 3", "3", True), ("3", "4", False), ("\\frac{1}{3}", "0.5", False)])
+def test_math_equivalences(pred, ref, ok):
+    assert ev.grade(f"The answer is \\boxed{{{pred}}}.", ref, "math")["correct"] is ok
+
+
+def test_marker_counting():
+    text = "First, add. Wait, that is wrong. Let me check: verify again. Alternatively, working backwards... waiting"
+    m = ev.count_markers(text)
+    # "let me check" + "verify" = 2; "wait" (not "waiting") + "alternatively" = 2; "first," = 1; "working backwards" = 1
+    assert m == {"self_verification": 2, "backtracking": 2, "subgoal_setting": 1, "backward_chaining": 1}
+
+
+def test_grade_file(tmp_path):
+    rows = [{"completion": "#### 5", "answer": "5"}, {"completion": "\\boxed{5}", "answer": "5"},
+            {"completion": "#### 4", "answer": "5"}, {"completion": "nothing", "answer": "5"}]
+    f = tmp_path / "c.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = str(tmp_path / "o")
+    s = ev.main(["--grade", str(f), "--task", "gsm8k", "--output-dir", out])[str(f)]
+    assert s["accuracy"] == 0.25 and s["lenient_accuracy"] == 0.5 and s["problems"] == 4
+    assert len(read_jsonl(os.path.join(out, "results.jsonl"))) == 4
+    # k completions per row: pass@k and maj@k
+    f.write_text(json.dumps({"completions": ["\\boxed{1}", "\\boxed{2}", "\\boxed{2}"], "answer": "2"}) + "\n" +
+                 json.dumps({"completions": ["\\boxed{1}", "\\boxed{1}", "\\boxed{3}"], "answer": "3"}) + "\n")
+    s = ev.main(["--grade", str(f), "--task", "math", "--output-dir", out])[str(f)]
+    assert s["pass@3"] == 1.0 and s["maj@3"] == 0.5 and s["accuracy"] == pytest.approx(3 / 6)
+
+
+def test_cli_on_tiny_models_writes_results(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    tiny_model(a, std=0.3), tiny_model(b, std=0.3, seed=1)
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{d}+1", "answer": str(d + 1)}) + "\n" for d in range(5)))
+    out = str(tmp_path / "o")
+    r = run_cli("--model", a, "--model", b, "--dataset", str(data), "--max-new-tokens", "4", "--batch-size", "2",
+                "--num-samples", "3", "--temperature", "1.0", "--output-dir", out, script="eval.py")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(summary) == {a, b} and "pass@3" in summary[a] and "maj@3" in summary[a]
+    res = read_jsonl(os.path.join(out, "a", "results.jsonl"))
+    assert len(res) == 5 and all(len(x["completions"]) == 3 and len(x["lengths"]) == 3 for x in res)
+    assert all(1 <= n <= 4 for x in res for n in x["lengths"])
+    acc = sum(c for x in res for c in x["correct"]) / 15
+    assert summary[a]["accuracy"] == pytest.approx(acc)
+    assert json.load(open(os.path.join(out, "summary.json"))) == summary
+    # greedy (the default) on the real GSM8K test layout
+    r = run_cli("--model", a, "--dataset", "gsm8k", "--data-dir", DATA, "--limit", "3", "--max-new-tokens", "3",
+                "--output-dir", out, script="eval.py")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])[a]["problems"] == 3
+
+
+def bad(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
+def test_bad_inputs(tmp_path, capsys):
+    out = ["--output-dir", str(tmp_path / "o")]
+    assert "cannot load model" in bad(["--model", str(tmp_path / "x"), "--dataset", "gsm8k", "--data-dir", DATA, *out], capsys)
+    assert "unknown dataset" in bad(["--model", "m", "--dataset", "nope", *out], capsys)
+    assert "num-samples" in bad(["--model", "m", "--num-samples", "0", *out], capsys)
+    assert "temperature" in bad(["--model", "m", "--num-samples", "4", *out], capsys)
+    (tmp_path / "g.jsonl").write_text('{"completion": "1"}\n')
+    assert "needs 'completion'" in bad(["--grade", str(tmp_path / "g.jsonl"), *out], capsys)
+    (tmp_path / "h.jsonl").write_text('{"completion": "1", "answer": 1}\nnot json\n')
+    assert "h.jsonl:2" in bad(["--grade", str(tmp_path / "h.jsonl"), *out], capsys)
