@@ -2,8 +2,8 @@
 
 Tianbing Xu, "Training Large Language Models to Reason via EM Policy Gradient" (arXiv 2504.18587).
 Each step of Algorithm 1:
-  E-step   freeze θ* ← θ and sample N completions per prompt from Pθ* at temperature 1 (§3, Eq. 7-8)
-  reward   R(τ) ∈ {0,1}; smooth it: R̃ = sigmoid((R − μ)/σ) over the batch (Eq. 10-11)
+  E-step   freeze θ* ← θ and sample N completions per prompt from Pθ* at temperature 1
+  reward   R(τ) ∈ {0,1}; smooth it: R̃ = sigmoid((R − μ)/σ) over the batch
   M-step   ascend E_{τ~θ*}[(R̃(τ) − b) ∇ log Pθ(τ)] — no importance ratio, no clipping (Eq. 12)
 `--algo grpo` swaps in the paper's comparator: group z-score advantages and the PPO-clip surrogate.
 
@@ -14,6 +14,7 @@ import argparse, contextlib, copy, json, math, os, re, shutil, sys, time
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -62,8 +63,9 @@ class Args:
 
 
 def die(msg):
-    """One clear line on stderr, no traceback, exit 2."""
-    print(f"empg: error: {msg}", file=sys.stderr)
+    """One clear line on stderr (from the first process only), no traceback, exit 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"empg: error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -273,7 +275,7 @@ def sample(model, prompts, n, max_new_tokens, eos_ids, pad_id, temperature=1.0, 
 # ----------------------------------------------------------------------------------------------
 # 4. M-step: the loss
 def sigmoid_normalize(rewards, norm="batch", group_size=None):
-    """R̃ = sigmoid((R − μ)/sqrt(σ² + 1e-8)) (Eq. 10-11), μ and unbiased σ² over the batch ('batch', the paper's
+    """R̃ = sigmoid((R − μ)/sqrt(σ² + 1e-8)), μ and unbiased σ² over the batch ('batch', the paper's
     mini-batch) or over each prompt's group of consecutive group_size samples ('group'); 'none' gives R̃ = R.
     All-equal rewards give z = 0 (R̃ = ½), never NaN. Statistics are over sequences; the author's code
     weights them by token count instead — per-sequence keeps R̃ a function of rewards alone."""
@@ -415,7 +417,41 @@ def setup(args):
     return dev, dtype
 
 
+# Many GPUs: `torchrun --nproc-per-node G empg.py ...` runs G copies of this file. Each samples its share of the
+# step's prompts with a full bf16 θ*; the M-step shards parameters, grads and AdamW state with FSDP2.
+# Plain `python empg.py` never initializes a process group and skips every `if world > 1` below.
+def init_distributed(args):
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 1
+    world = int(os.environ["WORLD_SIZE"])
+    if args.prompts_per_step % world:
+        die(f"--prompts-per-step {args.prompts_per_step} is not divisible by the {world} processes")
+    if torch.cuda.is_available() and args.device != "cpu":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
+    return dist.get_rank(), world
+
+
+def gather_all(xs):
+    """Concatenate a per-process list over all processes, in rank order (= the one-process order)."""
+    if not dist.is_initialized():
+        return xs
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, xs)
+    return [x for o in out for x in o]
+
+
+def shard(model, dtype):
+    """FSDP2: each decoder layer and the root become a shard group; bf16 compute, fp32 master and grad reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for layer in model.base_model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
 def train(args):
+    rank, world = init_distributed(args)
     dev, dtype = setup(args)
     rows, task = load_problems(args.dataset, "train", args.data_dir)
     template = args.prompt_template or default_template(args.dataset, task)
@@ -431,74 +467,90 @@ def train(args):
     if args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and dev.type == "cuda"):
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.config.use_cache = False
-    # θ*: the sampler is a frozen low-precision copy refreshed after every step (fp32 training reuses the policy).
-    sampler = copy.deepcopy(policy).to(dtype).eval().requires_grad_(False) if dtype != torch.float32 else policy
+    # θ*: the sampler is a frozen low-precision copy refreshed after every step (fp32, one process: the policy itself)
+    sampler = (copy.deepcopy(policy).to(dtype).eval().requires_grad_(False)
+               if dtype != torch.float32 or world > 1 else policy)
     ref = (copy.deepcopy(sampler) if ckpt is None else load_model(args.model, dev, dtype)).eval().requires_grad_(False) \
         if args.beta > 0 else None
+    if world > 1:
+        shard(policy, dtype)
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                             **({"fused": True} if dev.type == "cuda" else {}))
     start = 0
     if ckpt:
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location=dev, weights_only=False)
-        opt.load_state_dict(state["optimizer"])
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", weights_only=False)
+        set_optimizer_state_dict(policy, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         start = state["step"]
-    os.makedirs(out_dir, exist_ok=True)
-    truncate_log(os.path.join(out_dir, "metrics.jsonl"), start)
-    truncate_log(os.path.join(out_dir, "samples.jsonl"), start)
-    with open(os.path.join(out_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=1)
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        truncate_log(os.path.join(out_dir, "metrics.jsonl"), start)
+        truncate_log(os.path.join(out_dir, "samples.jsonl"), start)
+        with open(os.path.join(out_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=1)
     autocast = (lambda: torch.autocast(dev.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
     ctx = dict(args=args, dev=dev, autocast=autocast, pad_id=pad_id, ref=ref)
+    k = args.prompts_per_step // world  # this process's prompts
 
     from tqdm import tqdm
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.algo}", dynamic_ncols=True)
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.algo, dynamic_ncols=True,
+               disable=rank != 0)
     step = start
     try:
         for step in bar:
-            # E-step (Algorithm 1, line 3): θ* ← θ; τ ~ Pθ*(τ | x) for N samples per prompt
+            # E-step (Algorithm 1): θ* ← θ; τ ~ Pθ*(τ | x), N samples per prompt
             t0 = time.time()
             if sampler is not policy:
                 with torch.no_grad():
                     for ps, p in zip(sampler.parameters(), policy.parameters()):
-                        ps.copy_(p)
-            batch = [rows[i] for i in step_prompts(step, len(rows), args.prompts_per_step, args.seed)]
+                        ps.copy_(p.full_tensor() if world > 1 else p)  # FSDP2: all-gather the full weight
+            idx = step_prompts(step, len(rows), args.prompts_per_step, args.seed)[rank * k:(rank + 1) * k]
+            batch = [rows[i] for i in idx]
             prompts = [tok(template.replace("{question}", r["question"]), add_special_tokens=False)["input_ids"]
                        for r in batch]
-            g = torch.Generator(dev).manual_seed(args.seed * 1_000_003 + step)  # per-step RNG: exact resume
+            g = torch.Generator(dev).manual_seed(args.seed * 1_000_003 + step * 1009 + rank)  # per-step RNG: exact resume
             comps = sample(sampler, prompts, args.num_samples, args.max_new_tokens, eos_ids, pad_id,
                            args.temperature, g)
             texts = tok.batch_decode(comps, skip_special_tokens=True)
             answers = [r["answer"] for r in batch for _ in range(args.num_samples)]
             # Reward R(τ) ∈ {0,1}: the final answer is correct (a truncated completion is graded as it stands)
-            rewards = torch.tensor([REWARDS[task](c, a) for c, a in zip(texts, answers)])
+            local = [REWARDS[task](c, a) for c, a in zip(texts, answers)]
+            rewards = torch.tensor(gather_all(local))  # the whole batch: R̃'s statistics match one process
             adv = advantages(rewards, args.num_samples, args.algo, args.reward_norm, args.baseline)
-            n_tok = sum(map(len, comps))
+            adv = adv[rank * len(comps):(rank + 1) * len(comps)]
             estep_s = time.time() - t0
             # M-step (Eq. 12): ascend Σ A(τ) ∇ log Pθ(τ) with the samples of θ*, then discard them
             t1 = time.time()
             stats = m_step(policy, opt, [p for p in prompts for _ in range(args.num_samples)], comps, adv, ctx)
             mstep_s = time.time() - t1
-            truncated = [len(c) == args.max_new_tokens and c[-1] not in eos_ids for c in comps]
-            m = dict(step=step + 1, reward_mean=rewards.mean().item(), reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,
-                     adv_abs_mean=adv.abs().mean().item(), **stats,
-                     response_len_mean=n_tok / len(comps), truncated_frac=sum(truncated) / len(comps),
-                     estep_s=estep_s, mstep_s=mstep_s, estep_tok_s=n_tok / estep_s,
-                     mstep_tok_s=(sum(map(len, prompts)) * args.num_samples + n_tok) * args.updates_per_batch / mstep_s,
-                     lr=args.lr)
-            append_jsonl(os.path.join(out_dir, "metrics.jsonl"), [m])
-            append_jsonl(os.path.join(out_dir, "samples.jsonl"),
-                         [dict(step=step + 1, prompt=tok.decode(prompts[i // args.num_samples]), completion=texts[i],
-                               answer=answers[i], reward=rewards[i].item())
-                          for i in range(0, len(texts), max(1, len(texts) // max(args.log_samples, 1)))][:args.log_samples])
+            lens = gather_all([len(c) for c in comps])
+            truncated = gather_all([len(c) == args.max_new_tokens and c[-1] not in eos_ids for c in comps])
+            n_prompt = sum(gather_all([len(p) * args.num_samples for p in prompts]))
+            stats = {key: sum(v) / world for key, v in zip(stats, zip(*gather_all([list(stats.values())])))} \
+                if world > 1 else stats
+            m = dict(step=step + 1, reward_mean=rewards.mean().item(),
+                     reward_std=rewards.std().item() if len(rewards) > 1 else 0.0, adv_abs_mean=adv.abs().mean().item(),
+                     **stats, response_len_mean=sum(lens) / len(lens), truncated_frac=sum(truncated) / len(lens),
+                     estep_s=estep_s, mstep_s=mstep_s, estep_tok_s=sum(lens) / estep_s,
+                     mstep_tok_s=(n_prompt + sum(lens)) * args.updates_per_batch / mstep_s, lr=args.lr)
+            if rank == 0:
+                append_jsonl(os.path.join(out_dir, "metrics.jsonl"), [m])
+                every = max(1, len(texts) // max(args.log_samples, 1))
+                append_jsonl(os.path.join(out_dir, "samples.jsonl"),
+                             [dict(step=step + 1, prompt=tok.decode(prompts[i // args.num_samples]),
+                                   completion=texts[i], answer=answers[i], reward=local[i])
+                              for i in range(0, len(texts), every)][:args.log_samples])
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", len=f"{m['response_len_mean']:.0f}",
                             tok_s=f"{m['estep_tok_s']:.0f}", loss=f"{m['loss']:.4f}")
             if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-                save_checkpoint(out_dir, policy, tok, opt, step + 1, args)
+                save_checkpoint(out_dir, policy, tok, opt, step + 1, args, rank)
     except KeyboardInterrupt:  # nothing lost on Ctrl-C: keep the finished steps
-        if step > start:
-            save_checkpoint(out_dir, policy, tok, opt, step, args)
+        if step > start and world == 1:
+            save_checkpoint(out_dir, policy, tok, opt, step, args, rank)
         print(f"\ninterrupted; saved step {step} to {out_dir}; continue with --resume", file=sys.stderr)
         sys.exit(130)
+    if world > 1:
+        dist.destroy_process_group()
     return out_dir
 
 
@@ -540,7 +592,8 @@ def m_step(policy, opt, prompts, comps, adv, ctx):
                 tot["entropy"] += w * e.item()
             (loss * w).backward()
             tot["loss"] += w * loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         skipped = not (math.isfinite(tot["loss"]) and math.isfinite(grad_norm))
         if not skipped:  # a non-finite loss skips the step (logged) instead of poisoning the weights
             opt.step()
@@ -550,21 +603,27 @@ def m_step(policy, opt, prompts, comps, adv, ctx):
 
 # ----------------------------------------------------------------------------------------------
 # 6. Checkpoints and logs
-def save_checkpoint(out_dir, policy, tok, opt, step, args):
-    """HF save_pretrained dir (loadable by transformers and eval.py) + optimizer state for --resume. Written
-    to a temp dir and renamed, so a crash mid-save never leaves a half checkpoint; older checkpoints keep
-    their weights but drop the optimizer state."""
-    final, tmp = os.path.join(out_dir, f"checkpoint-{step:06d}"), os.path.join(out_dir, f".tmp-checkpoint-{step:06d}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    torch.save({"optimizer": opt.state_dict(), "step": step, "args": asdict(args)}, os.path.join(tmp, "trainer_state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for d in os.listdir(out_dir):
-        p = os.path.join(out_dir, d, "trainer_state.pt")
-        if d.startswith("checkpoint-") and d != os.path.basename(final) and os.path.exists(p):
-            os.remove(p)
+def save_checkpoint(out_dir, policy, tok, opt, step, args, rank=0):
+    """HF save_pretrained dir (loadable by transformers and eval.py) + full optimizer state for --resume with any
+    number of processes. Written to a temp dir and renamed, so a crash mid-save never leaves a half checkpoint;
+    older checkpoints keep their weights but drop the optimizer state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    o = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathers FSDP2 shards (a collective)
+    model_sd, opt_sd = get_model_state_dict(policy, options=o), get_optimizer_state_dict(policy, opt, options=o)
+    if rank == 0:
+        final, tmp = os.path.join(out_dir, f"checkpoint-{step:06d}"), os.path.join(out_dir, f".tmp-checkpoint-{step:06d}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.save_pretrained(tmp, state_dict=model_sd)
+        tok.save_pretrained(tmp)
+        torch.save({"optimizer": opt_sd, "step": step, "args": asdict(args)}, os.path.join(tmp, "trainer_state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for d in os.listdir(out_dir):
+            p = os.path.join(out_dir, d, "trainer_state.pt")
+            if d.startswith("checkpoint-") and d != os.path.basename(final) and os.path.exists(p):
+                os.remove(p)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def latest_checkpoint(out_dir):
