@@ -444,6 +444,8 @@ def gather_all(xs):
 def shard(model, dtype):
     """FSDP2: each decoder layer and the root become a shard group; bf16 compute, fp32 master and grad reduction."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    import warnings  # FSDP2 warns that HF outputs are views; nothing here modifies them in place
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for layer in model.base_model.layers:
         fully_shard(layer, mp_policy=mp)
@@ -516,8 +518,8 @@ def train(args):
             # Reward R(τ) ∈ {0,1}: the final answer is correct (a truncated completion is graded as it stands)
             local = [REWARDS[task](c, a) for c, a in zip(texts, answers)]
             rewards = torch.tensor(gather_all(local))  # the whole batch: R̃'s statistics match one process
-            adv = advantages(rewards, args.num_samples, args.algo, args.reward_norm, args.baseline)
-            adv = adv[rank * len(comps):(rank + 1) * len(comps)]
+            adv_all = advantages(rewards, args.num_samples, args.algo, args.reward_norm, args.baseline)
+            adv = adv_all[rank * len(comps):(rank + 1) * len(comps)]
             estep_s = time.time() - t0
             # M-step (Eq. 12): ascend Σ A(τ) ∇ log Pθ(τ) with the samples of θ*, then discard them
             t1 = time.time()
@@ -529,7 +531,7 @@ def train(args):
             stats = {key: sum(v) / world for key, v in zip(stats, zip(*gather_all([list(stats.values())])))} \
                 if world > 1 else stats
             m = dict(step=step + 1, reward_mean=rewards.mean().item(),
-                     reward_std=rewards.std().item() if len(rewards) > 1 else 0.0, adv_abs_mean=adv.abs().mean().item(),
+                     reward_std=rewards.std().item() if len(rewards) > 1 else 0.0, adv_abs_mean=adv_all.abs().mean().item(),
                      **stats, response_len_mean=sum(lens) / len(lens), truncated_frac=sum(truncated) / len(lens),
                      estep_s=estep_s, mstep_s=mstep_s, estep_tok_s=sum(lens) / estep_s,
                      mstep_tok_s=(n_prompt + sum(lens)) * args.updates_per_batch / mstep_s, lr=args.lr)

@@ -362,3 +362,74 @@ def test_bad_inputs(model_dir, toy_jsonl, tmp_path, capsys):
 def test_bad_model_path_from_the_shell(toy_jsonl, tmp_path):
     r = run_cli("--model", str(tmp_path / "nope"), "--dataset", toy_jsonl, "--output-dir", str(tmp_path / "o"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "cannot load model" in r.stderr
+
+
+# ---------------------------------------------------------------- many processes: torchrun + FSDP2 on CPU (gloo)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+FIXED = dict(prompts=[[5, 6], [7, 8, 9], [5, 6], [10, 11, 12, 13]], comps=[[10, 11, 0], [12], [13, 14], [15, 16, 17, 0]],
+             rewards=[1., 0., 0., 0.])
+SHARDED_STEP = """
+import contextlib, json, sys, torch
+sys.path.insert(0, {here!r})
+import empg
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from transformers import AutoModelForCausalLM
+fixed, args = json.loads({fixed!r}), empg.Args(lr=1e-3, micro_batch_size=1, device="cpu", grad_clip=0.5)
+rank, world = empg.init_distributed(args)
+sl = slice(rank * 2, rank * 2 + 2)
+rewards = torch.tensor(empg.gather_all(fixed["rewards"][sl]))  # each process graded only its own samples
+adv = empg.advantages(rewards, 2)
+model = AutoModelForCausalLM.from_pretrained({model!r})
+empg.shard(model, torch.float32)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+ctx = dict(args=args, dev=torch.device("cpu"), autocast=contextlib.nullcontext, pad_id=0, ref=None)
+empg.m_step(model, opt, fixed["prompts"][sl], fixed["comps"][sl], adv[sl], ctx)
+sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if rank == 0:
+    torch.save(dict(sd=sd, adv=adv), {out!r})
+"""
+
+
+def test_torchrun_fsdp2_step_equals_one_process(model_dir, tmp_path):
+    import contextlib
+    from transformers import AutoModelForCausalLM
+    script, out = tmp_path / "step.py", str(tmp_path / "two.pt")
+    script.write_text(SHARDED_STEP.format(here=HERE, fixed=json.dumps(FIXED), model=model_dir, out=out))
+    r = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = torch.load(out, weights_only=False)
+    # one process, all four samples
+    args = empg.Args(lr=1e-3, micro_batch_size=1, device="cpu", grad_clip=0.5)
+    adv = empg.advantages(torch.tensor(FIXED["rewards"]), 2)
+    assert torch.allclose(two["adv"], adv)  # (b) batch reward normalization over all processes' rewards
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    ctx = dict(args=args, dev=torch.device("cpu"), autocast=contextlib.nullcontext, pad_id=0, ref=None)
+    stats = empg.m_step(model, opt, FIXED["prompts"], FIXED["comps"], adv, ctx)
+    assert stats["grad_norm"] > 0.5  # the clip is active, so the global grad norm must be right too
+    moved = 0
+    for name, p in model.state_dict().items():  # (a) the weights after the step agree
+        assert torch.allclose(p, two["sd"][name], atol=1e-6), name
+        moved += not torch.equal(p, AutoModelForCausalLM.from_pretrained(model_dir).state_dict()[name])
+    assert moved > 10
+
+
+def test_torchrun_cli_writes_once_and_resumes_with_one_process(model_dir, toy_jsonl, tmp_path):
+    out = str(tmp_path / "o")
+    r = subprocess.run([*TORCHRUN, os.path.join(HERE, "empg.py"),
+                        *train_argv(model_dir, out, toy_jsonl, "--steps", "2", "--save-every", "1")],
+                       capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert [x["step"] for x in m] == [1, 2]  # (c) one log, not one per process
+    assert len(read_jsonl(os.path.join(out, "samples.jsonl"))) == 2 * 3  # rank 0 logs from its own 3 completions
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(os.path.join(out, "checkpoint-000002"))
+    r = run_cli(*train_argv(model_dir, out, toy_jsonl, "--steps", "3", "--resume"))  # (d) resume with G = 1
+    assert r.returncode == 0, r.stderr
+    assert [x["step"] for x in read_jsonl(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3]
+    # a bad launch: 3 prompts cannot be split over 2 processes
+    r = subprocess.run([*TORCHRUN, os.path.join(HERE, "empg.py"),
+                        *train_argv(model_dir, out, toy_jsonl, "--prompts-per-step", "3")],
+                       capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert r.returncode != 0 and r.stderr.count("empg: error: --prompts-per-step 3 is not divisible") == 1
