@@ -433,3 +433,15 @@ def test_torchrun_cli_writes_once_and_resumes_with_one_process(model_dir, toy_js
                         *train_argv(model_dir, out, toy_jsonl, "--prompts-per-step", "3")],
                        capture_output=True, text=True, timeout=300, cwd=HERE)
     assert r.returncode != 0 and r.stderr.count("empg: error: --prompts-per-step 3 is not divisible") == 1
+
+
+# ---------------------------------------------------------------- the walkthrough never rots
+@pytest.mark.parametrize("nb", sorted(f for f in os.listdir(os.path.join(HERE, "notebooks")) if f.endswith(".ipynb")))
+def test_notebook_executes(nb):
+    import nbformat
+    from nbclient import NotebookClient
+    book = nbformat.read(os.path.join(HERE, "notebooks", nb), as_version=4)
+    NotebookClient(book, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": os.path.join(HERE, "notebooks")}}).execute()  # raises on a cell error
+    out = "".join(o.get("text", "") for c in book.cells if c.cell_type == "code" for o in c.outputs)
+    assert "by hand:" in out and "last 10 steps" in out
