@@ -60,6 +60,7 @@ class Args:
     save_every: int = arg(50, "checkpoint every this many steps (and at the end)")
     log_samples: int = arg(4, "completions per step written to samples.jsonl")
     resume: bool = arg(False, "continue from the latest checkpoint in --output-dir")
+    benchmark: bool = arg(False, "time one E-step (ours vs model.generate()) and one M-step, print a JSON line, exit")
 
 
 def die(msg):
@@ -552,6 +553,7 @@ def train(args):
         print(f"\ninterrupted; saved step {step} to {out_dir}; continue with --resume", file=sys.stderr)
         sys.exit(130)
     if world > 1:
+        dist.barrier()
         dist.destroy_process_group()
     return out_dir
 
@@ -647,5 +649,59 @@ def truncate_log(path, step):
             f.writelines(keep)
 
 
+# ----------------------------------------------------------------------------------------------
+# 7. Benchmark: where does the time go? (`--benchmark`; random prompts, so a config-only --model dir is enough)
+def benchmark(args):
+    dev, dtype = setup(args)
+    policy = load_model(args.model, dev)
+    sampler = copy.deepcopy(policy).to(dtype).eval().requires_grad_(False) if dtype != torch.float32 else policy
+    if dev.type == "cuda":
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    g = torch.Generator().manual_seed(args.seed)
+    vocab = min(policy.config.vocab_size, 151643)  # stay below Qwen's special tokens
+    prompts = [torch.randint(0, vocab, (int(torch.randint(64, 129, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(args.prompts_per_step)]
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    n, T, res = args.num_samples, args.max_new_tokens, {}
+
+    def timed(fn):
+        sync(); t = time.time(); out = fn(); sync()
+        return out, time.time() - t
+
+    # E-step, every row decoded to the full length (no EOS) so both sides do the same work; warm both up first
+    sample(sampler, prompts[:1], 1, 2, set(), 0, args.temperature)
+    sampler.generate(torch.tensor([prompts[0]], device=dev), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    comps, res["ours_s"] = timed(lambda: sample(sampler, prompts, n, T, set(), 0, args.temperature,
+                                                torch.Generator(dev).manual_seed(0)))
+    P = max(map(len, prompts))
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=dev)
+    gen = lambda: sampler.generate(ids, attention_mask=(torch.arange(P, device=dev) >= P - torch.tensor(
+        [len(p) for p in prompts], device=dev)[:, None]).long(), do_sample=True, temperature=args.temperature, top_k=0,
+        top_p=1.0, max_new_tokens=T, min_new_tokens=T, num_return_sequences=n, pad_token_id=0)
+    _, res["generate_s"] = timed(gen)
+    tokens = len(prompts) * n * T
+    res.update(ours_tok_s=tokens / res["ours_s"], generate_tok_s=tokens / res["generate_s"],
+               speedup=res["generate_s"] / res["ours_s"])
+    # M-step: one optimizer step on those samples
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, **({"fused": True} if dev.type == "cuda" else {}))
+    autocast = (lambda: torch.autocast(dev.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
+    ctx = dict(args=args, dev=dev, autocast=autocast, pad_id=0, ref=None)
+    adv = torch.randn(len(comps))
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    _, res["mstep_s"] = timed(lambda: m_step(policy, opt, [p for p in prompts for _ in range(n)], comps, adv, ctx))
+    m_tokens = (sum(map(len, prompts)) * n + tokens) * args.updates_per_batch
+    res["mstep_tok_s"] = m_tokens / res["mstep_s"]
+    if dev.type == "cuda":  # 6·N·tokens for forward + backward, +2·N for the checkpointed recompute; H100 bf16 dense peak
+        n_params = sum(p.numel() for p in policy.parameters())
+        res["mfu"] = 8 * n_params * m_tokens / res["mstep_s"] / 989e12
+        res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    res.update(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", model=args.model,
+               prompts=len(prompts), num_samples=n, max_new_tokens=T)
+    print(json.dumps(res))
+    return res
+
+
 if __name__ == "__main__":
-    train(parse_args())
+    a = parse_args()
+    benchmark(a) if a.benchmark else train(a)

@@ -387,6 +387,8 @@ empg.m_step(model, opt, fixed["prompts"][sl], fixed["comps"][sl], adv[sl], ctx)
 sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 if rank == 0:
     torch.save(dict(sd=sd, adv=adv), {out!r})
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()  # exiting with a live gloo group can abort the process
 """
 
 
@@ -445,3 +447,14 @@ def test_notebook_executes(nb):
                    resources={"metadata": {"path": os.path.join(HERE, "notebooks")}}).execute()  # raises on a cell error
     out = "".join(o.get("text", "") for c in book.cells if c.cell_type == "code" for o in c.outputs)
     assert "by hand:" in out and "last 10 steps" in out
+
+
+def test_benchmark_prints_its_json_line(model_dir):
+    r = run_cli("--benchmark", "--model", model_dir, "--prompts-per-step", "2", "--num-samples", "2",
+                "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["device"] == "cpu" and res["prompts"] == 2 and res["max_new_tokens"] == 8
+    for k in ("ours_tok_s", "generate_tok_s", "mstep_tok_s"):
+        assert res[k] > 0
+    assert res["speedup"] == pytest.approx(res["generate_s"] / res["ours_s"])
