@@ -439,11 +439,16 @@ def test_torchrun_cli_writes_once_and_resumes_with_one_process(model_dir, toy_js
 
 # ---------------------------------------------------------------- the walkthrough never rots
 @pytest.mark.parametrize("nb", sorted(f for f in os.listdir(os.path.join(HERE, "notebooks")) if f.endswith(".ipynb")))
-def test_notebook_executes(nb):
+def test_notebook_executes(nb, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
+    spec = tmp_path / "kernels" / "empg-test"  # a kernel on this very interpreter, whatever kernels are installed
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({"argv": [sys.executable, "-m", "ipykernel_launcher", "-f",
+                                                           "{connection_file}"], "display_name": "empg", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
     book = nbformat.read(os.path.join(HERE, "notebooks", nb), as_version=4)
-    NotebookClient(book, timeout=600, kernel_name="python3",
+    NotebookClient(book, timeout=600, kernel_name="empg-test",
                    resources={"metadata": {"path": os.path.join(HERE, "notebooks")}}).execute()  # raises on a cell error
     out = "".join(o.get("text", "") for c in book.cells if c.cell_type == "code" for o in c.outputs)
     assert "by hand:" in out and "last 10 steps" in out
