@@ -142,6 +142,11 @@ def hash_answer(text):
     return m.group(1).replace(",", "").replace("$", "") if m else None
 
 
+def final_answer(answer):
+    """The reference final answer: the number after '####' for a full GSM8K solution, else the answer as given."""
+    return (hash_answer(answer) or answer) if "####" in answer else answer
+
+
 def last_number(text):
     nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+", text)
     return nums[-1].replace(",", "").rstrip(".") if nums else None
@@ -151,8 +156,7 @@ def _problem(row, path):
     q = next((row[k] for k in ("question", "problem", "prompt") if k in row), None)
     if not isinstance(q, str) or "answer" not in row:
         die(f"{path}: every row needs a 'question' (or 'problem'/'prompt') string and an 'answer'")
-    a = str(row["answer"])
-    return {"question": q, "answer": (hash_answer(a) or a) if "####" in a else a}
+    return {"question": q, "answer": final_answer(str(row["answer"]))}
 
 
 def load_problems(dataset, split="train", data_dir=""):
@@ -210,7 +214,7 @@ def math_reward(completion, answer):
     """1.0 iff the extracted answer is math-verify-equal to the reference. A grader error or a
     time-out (parse 5 s + verify 5 s) counts as wrong, never as a hang."""
     pred = extract_answer(completion)
-    return float(pred is not None and answers_equal(pred, (hash_answer(answer) or answer) if "####" in answer else answer))
+    return float(pred is not None and answers_equal(pred, final_answer(answer)))
 
 
 def answers_equal(pred, ref):
@@ -400,11 +404,9 @@ def stop_ids(tok, model, template):
 def step_prompts(step, n_rows, k, seed):
     """Row indices for a step: consecutive slices of a fresh permutation per epoch — a pure function of
     (seed, step), so a resumed run sees the same data order."""
-    idx = []
-    for j in range(step * k, step * k + k):
-        epoch, i = divmod(j, n_rows)
-        idx.append(torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch))[i].item())
-    return idx
+    perms = {}  # one permutation per epoch touched, not one per prompt
+    perm = lambda e: perms.setdefault(e, torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + e)))
+    return [perm(j // n_rows)[j % n_rows].item() for j in range(step * k, step * k + k)]
 
 
 def setup(args):

@@ -68,7 +68,7 @@ def grade(completion, answer, task):
 def score_problem(question, answer, completions, task, lengths=None, truncated=None, k=None):
     k = k or len(completions)
     grades = [grade(c, answer, task) for c in completions]
-    ref = (empg.hash_answer(answer) or answer) if "####" in answer else answer
+    ref = empg.final_answer(answer)
     maj = majority_vote([g["extracted"] for g in grades])
     return dict(question=question, answer=ref, completions=completions, extracted=[g["extracted"] for g in grades],
                 correct=[g["correct"] for g in grades], lenient=[g["lenient"] for g in grades],
