@@ -106,7 +106,8 @@ def generate(model_name, rows, task, template, args):
         batch = rows[i:i + args.batch_size]
         prompts = [tok(template.replace("{question}", r["question"]), add_special_tokens=False)["input_ids"]
                    for r in batch]
-        comps = empg.sample(model, prompts, args.num_samples, args.max_new_tokens, eos, pad, args.temperature, g)
+        comps = empg.sample(model, prompts, args.num_samples, args.max_new_tokens, eos, pad, args.temperature, g,
+                             args.sampler)
         texts = tok.batch_decode(comps, skip_special_tokens=True)
         for j, r in enumerate(batch):
             cs = comps[j * args.num_samples:(j + 1) * args.num_samples]
@@ -155,6 +156,7 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=1024, help="completion length cap")
     p.add_argument("--batch-size", type=int, default=32, help="problems per sampler call")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--sampler", default="auto", choices=["auto", "compiled", "static", "hf"], help="decode loop (empg.py --help)")
     p.add_argument("--device", default="auto", help="cuda | cpu | auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--output-dir", default="", help="default: eval_runs/<dataset>")

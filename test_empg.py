@@ -1,6 +1,6 @@
 """Tests for empg.py: every number is checked against a hand computation or a second implementation.
 Run: python -m pytest -q test_empg.py   (CPU, tiny random Qwen2 models; ../shared/data if present, else fixtures/)"""
-import json, math, os, string, subprocess, sys
+import json, math, os, shutil, string, subprocess, sys
 
 import pytest
 import torch
@@ -178,7 +178,8 @@ def test_entropy_matches_full_softmax():
 
 
 # ---------------------------------------------------------------- the sampler
-def test_sampler_equals_generate_greedy():
+@pytest.mark.parametrize("mode", ["hf", "static"])
+def test_sampler_equals_generate_greedy(mode):
     model = tiny_model(std=0.5)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
     P = max(map(len, prompts))
@@ -192,9 +193,50 @@ def test_sampler_equals_generate_greedy():
     want = [r[:r.index(eos) + 1] if eos in r else r for r in ref]
     want = [w[:len(w) - next((k for k, x in enumerate(reversed(w)) if x != 0), 0)] if eos not in w else w
             for w in want]
-    got = empg.sample(model, prompts, 3, 12, {eos}, 0, temperature=0)
+    got = empg.sample(model, prompts, 3, 12, {eos}, 0, temperature=0, mode=mode)
     assert any(len(w) < 12 for w in want) and len(set(map(tuple, want))) > 1
     assert got == [w for w in want for _ in range(3)]
+
+
+def test_static_decode_step_matches_model_forward_and_samples_like_hf():
+    model = tiny_model(std=0.5, layers=3)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    g = lambda s: torch.Generator().manual_seed(s)
+    # same seed → the same samples from both decode loops, at T = 1 and T = 0.7, with EOS stopping rows
+    for T in (1.0, 0.7):
+        hf = empg.sample(model, prompts, 4, 40, {9, 20}, 0, T, g(5), mode="hf")
+        assert hf == empg.sample(model, prompts, 4, 40, {9, 20}, 0, T, g(5), mode="static")
+        assert len(set(map(len, hf))) > 1
+    # the cache is kept between calls (same addresses for a compiled graph), and a longer call grows it
+    kv, valid = model._empg_cache
+    empg.sample(model, [[5]] * 3, 4, 30, {9}, 0, 1.0, g(0), mode="static")
+    assert model._empg_cache[0][0][0] is kv[0][0] and valid.shape == (12, 256)
+    empg.sample(model, prompts, 4, 300, set(), 0, 1.0, g(0), mode="static")
+    assert model._empg_cache[1].shape == (12, 512)
+    # one decode step's logits equal the full forward's last-position logits, row by row (left padding included)
+    seqs = [p + c for p, c in zip(prompts, empg.sample(model, prompts, 1, 6, set(), 0, 1.0, g(1), mode="static"))]
+    for s in seqs:
+        want = model(torch.tensor([s])).logits[0, -1]
+        kv, valid = empg.static_cache(model, 1, len(s) + 1, torch.zeros(1, 2, 1, 16))
+        valid.zero_()
+        for t, x in enumerate(s):
+            logits = empg.decode_step(model, kv, valid, torch.tensor([x]), torch.tensor([[t]]), torch.tensor([t]))
+        assert torch.allclose(logits[0], want, atol=1e-5)
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_sampler_equals_static():
+    model = tiny_model(std=0.5)
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    want = empg.sample(model, prompts, 2, 16, {7}, 0, 0, mode="static")
+    assert empg.sample(model, prompts, 2, 16, {7}, 0, 0, mode="compiled") == want
+    # a later E-step with other prompt lengths reuses the compiled graph: shapes depend on rows and cache size only
+    from torch._dynamo.utils import counters
+    before = counters["stats"]["unique_graphs"]
+    other = [[20, 21, 22, 23, 24, 25, 26, 27], [28], [29, 30]]
+    got = empg.sample(model, other, 2, 16, {7}, 0, 0, mode="compiled")
+    assert got == empg.sample(model, other, 2, 16, {7}, 0, 0, mode="static")
+    assert counters["stats"]["unique_graphs"] == before
 
 
 def test_sampler_reproducible_and_distribution_correct():
