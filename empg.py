@@ -55,8 +55,10 @@ class Args:
     logprob_chunk: int = arg(1024, "tokens per chunk of the vocab projection + logsumexp")
     gradient_checkpointing: str = arg("auto", "recompute layer activations in backward (auto: on for CUDA)",
                                       ["auto", "on", "off"])
-    dtype: str = arg("auto", "compute dtype (auto: bf16 on CUDA, fp32 on CPU); master weights stay fp32",
+    dtype: str = arg("auto", "compute dtype (auto: bf16 on CUDA or with --master-dtype bf16, else fp32)",
                      ["auto", "bf16", "fp32"])
+    master_dtype: str = arg("fp32", "trained weights + AdamW moments: fp32, or bf16 with stochastic rounding "
+                            "(Qwen2.5-7B on one 80 GB GPU; one process only)", ["fp32", "bf16"])
     device: str = arg("auto", "cuda | cpu | auto")
     seed: int = arg(0, "seed for data order and sampling")
     output_dir: str = arg("", "where metrics, samples and checkpoints go (default: runs/<model>-<dataset>-<algo>)")
@@ -89,7 +91,8 @@ def parse_args(argv=None):
               (a.updates_per_batch >= 1, "--updates-per-batch must be >= 1"), (a.save_every >= 1, "--save-every must be >= 1"),
               (a.beta >= 0 and a.grad_clip > 0 and a.clip_eps > 0, "--beta must be >= 0, --grad-clip and --clip-eps > 0"),
               (a.num_samples >= 2 or (a.reward_norm != "group" and a.algo != "grpo"),
-               "per-prompt statistics (--reward-norm group, --algo grpo) need --num-samples >= 2")]
+               "per-prompt statistics (--reward-norm group, --algo grpo) need --num-samples >= 2"),
+              (a.master_dtype == "fp32" or a.dtype != "fp32", "--master-dtype bf16 computes in bf16: drop --dtype fp32")]
     for ok, msg in checks:
         if not ok:
             die(msg)
@@ -431,6 +434,47 @@ def kl_k3(logp, ref_logp):
     return torch.exp(r) - r - 1
 
 
+def stochastic_round(x, generator=None):
+    """fp32 → bf16, rounding up with probability equal to the remainder, so E[result] = x. bf16 is the top half of
+    an fp32's bits: add uniform noise to the 16 bits that get cut, then cut them."""
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+class AdamWSR(torch.optim.Optimizer):
+    """AdamW for bf16 master weights (--master-dtype bf16): weights, grads and both moments in bf16 — 8 bytes a
+    parameter, not 16 (+2 for a bf16 sampler copy): Qwen2.5-7B (7.6B) needs 61 GB, not 137, so it fits one 80 GB GPU.
+    Each update is computed in fp32 and stochastically rounded back: round-to-nearest would erase every step under
+    half a bf16 spacing — at lr = 1e-6 that is all of them (the spacing near 0.02 is 1.2e-4) — while stochastic
+    rounding keeps them on average. On fp32 weights this is plain AdamW."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, seed=0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.seed = seed
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        gen, chunk = None, 1 << 24  # fp32 temporaries for 16M values at a time, not a whole 545M-row embedding
+        for group in self.param_groups:
+            (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                st = self.state[p]
+                if not st:
+                    st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                t = int(st["step"].add_(1))
+                if gen is None:  # noise is a function of (seed, step): a resumed run rounds exactly as before
+                    gen = torch.Generator(p.device).manual_seed(self.seed * 1_000_003 + t)
+                rnd = (lambda x: stochastic_round(x, gen)) if p.dtype == torch.bfloat16 else (lambda x: x)
+                for w, g, m, v in zip(*(x.view(-1).split(chunk) for x in (p, p.grad, st["exp_avg"], st["exp_avg_sq"]))):
+                    g, m32, v32 = g.float(), m.float(), v.float()
+                    m32.lerp_(g, 1 - b1)
+                    v32.mul_(b2).addcmul_(g, g, value=1 - b2)
+                    m.copy_(rnd(m32))  # the moments are rounded stochastically too: v's 0.1 % steps
+                    v.copy_(rnd(v32))  # (1 − β2) are below bf16's relative spacing of 0.4 %
+                    upd = (m32 / (1 - b1 ** t)) / ((v32 / (1 - b2 ** t)).sqrt_() + eps)
+                    w.copy_(rnd(w.float().mul_(1 - lr * wd).sub_(lr * upd)))
+
+
 def collate(prompts, completions, pad_id, device):
     """[left-padded prompt | right-padded completion] ids, attention mask and completion mask."""
     P, T = max(map(len, prompts)), max(max(map(len, completions)), 1)
@@ -485,14 +529,21 @@ def step_prompts(step, n_rows, k, seed):
     return [perm(j // n_rows)[j % n_rows].item() for j in range(step * k, step * k + k)]
 
 
+def optimizer(policy, args, dev):
+    if args.master_dtype == "bf16":
+        return AdamWSR(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)
+    return torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                             **({"fused": True} if dev.type == "cuda" else {}))  # fused: one kernel for all params
+
+
 def setup(args):
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         die("--device cuda but no CUDA GPU is visible")
-    dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bf16": torch.bfloat16,
-             "fp32": torch.float32}[args.dtype]
-    if dtype == torch.bfloat16 and dev.type == "cpu" and not torch.cpu._is_avx512_bf16_supported():
+    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and (dev.type == "cuda" or args.master_dtype == "bf16"))
+    if bf16 and dev.type == "cpu" and not torch.cpu._is_avx512_bf16_supported() and args.master_dtype == "fp32":
         die("--dtype bf16 on a CPU without native bf16 (AVX512-BF16); use --dtype fp32")
+    return dev, torch.bfloat16 if bf16 else torch.float32
     return dev, dtype
 
 
@@ -541,22 +592,24 @@ def train(args):
     ckpt = latest_checkpoint(out_dir) if args.resume else None
     if args.resume and ckpt is None:
         die(f"--resume: no checkpoint with trainer_state.pt in {out_dir}")
-    policy = load_model(ckpt or args.model, dev)  # fp32 master weights: a 1e-6 step on a bf16 weight would round away
+    if world > 1 and args.master_dtype == "bf16":
+        die("--master-dtype bf16 is for one process; with torchrun, FSDP2 shards the fp32 master weights instead")
+    master = torch.bfloat16 if args.master_dtype == "bf16" else torch.float32
+    policy = load_model(ckpt or args.model, dev, master)  # fp32 master weights: a 1e-6 step on bf16 would round away
     tok = load_tokenizer(args.tokenizer or args.model)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos_ids = stop_ids(tok, policy, template)
     if args.gradient_checkpointing == "on" or (args.gradient_checkpointing == "auto" and dev.type == "cuda"):
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.config.use_cache = False
-    # θ*: the sampler is a frozen low-precision copy refreshed after every step (fp32, one process: the policy itself)
-    sampler = (copy.deepcopy(policy).to(dtype).eval().requires_grad_(False)
-               if dtype != torch.float32 or world > 1 else policy)
+    # θ*: the sampler is a frozen low-precision copy refreshed after every step (one process computing in the master
+    # dtype: the policy itself, unchanged until the M-step — no copy)
+    sampler = (copy.deepcopy(policy).to(dtype).eval().requires_grad_(False) if dtype != master or world > 1 else policy)
     ref = (copy.deepcopy(sampler) if ckpt is None else load_model(args.model, dev, dtype)).eval().requires_grad_(False) \
         if args.beta > 0 else None
     if world > 1:
         shard(policy, dtype)
-    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay,
-                            **({"fused": True} if dev.type == "cuda" else {}))
+    opt = optimizer(policy, args, dev)
     start = 0
     if ckpt:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -731,8 +784,8 @@ def truncate_log(path, step):
 # 7. Benchmark: where does the time go? (`--benchmark`; random prompts, so a config-only --model dir is enough)
 def benchmark(args):
     dev, dtype = setup(args)
-    policy = load_model(args.model, dev)
-    sampler = copy.deepcopy(policy).to(dtype).eval().requires_grad_(False) if dtype != torch.float32 else policy
+    policy = load_model(args.model, dev, torch.bfloat16 if args.master_dtype == "bf16" else torch.float32)
+    sampler = copy.deepcopy(policy).to(dtype).eval().requires_grad_(False) if dtype != policy.dtype else policy
     if dev.type == "cuda":
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     g = torch.Generator().manual_seed(args.seed)
@@ -763,7 +816,7 @@ def benchmark(args):
     res.update(ours_tok_s=tokens / res["ours_s"], generate_tok_s=tokens / res["generate_s"],
                speedup=res["generate_s"] / res["ours_s"])
     # M-step: one optimizer step on those samples
-    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, **({"fused": True} if dev.type == "cuda" else {}))
+    opt = optimizer(policy, args, dev)
     autocast = (lambda: torch.autocast(dev.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
     ctx = dict(args=args, dev=dev, autocast=autocast, pad_id=0, ref=None)
     adv = torch.randn(len(comps))

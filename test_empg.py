@@ -311,6 +311,59 @@ def test_fp32_master_weights_move_at_lr_1e6():
     assert (w + (p - b).to(torch.bfloat16) == w).float().mean() > 0.95
 
 
+def test_stochastic_rounding_is_unbiased():
+    lo = torch.tensor(1.0, dtype=torch.bfloat16)
+    hi = torch.nextafter(lo, torch.tensor(2.0, dtype=torch.bfloat16))  # bf16 spacing at 1 is 2^-7
+    x = torch.full((200_000,), 1.0 + 0.3 * 2 ** -7)
+    r = empg.stochastic_round(x, torch.Generator().manual_seed(0))
+    assert r.dtype == torch.bfloat16 and set(r.unique().tolist()) == {lo.item(), hi.item()}
+    assert (r == hi).float().mean().item() == pytest.approx(0.3, abs=0.005)  # rounds up w.p. the remainder
+    assert empg.stochastic_round(-x).float().mean().item() == pytest.approx(-x[0].item(), abs=1e-4)
+    exact = torch.tensor([0.5, -3.0, 0.0, 1.5e-5]).to(torch.bfloat16).float()  # bf16 values stay put
+    assert torch.equal(empg.stochastic_round(exact).float(), exact)
+
+
+def test_adamw_sr_is_adamw_and_bf16_updates_at_lr_1e6_accumulate():
+    torch.manual_seed(0)
+    a = torch.randn(100, 3, requires_grad=True)
+    b = a.detach().clone().requires_grad_()
+    oa, ob = empg.AdamWSR([a], lr=1e-2, weight_decay=0.1), torch.optim.AdamW([b], lr=1e-2, weight_decay=0.1)
+    for _ in range(20):  # on fp32 weights it is torch's AdamW
+        a.grad, b.grad = (torch.randn(100, 3),) * 2
+        oa.step(), ob.step()
+    assert torch.allclose(a, b, atol=1e-6)
+    # bf16 weights at 0.5 (spacing 2^-8 ≈ 3.9e-3), 1000 Adam steps of lr = 1e-6 each (grad 1 → update = lr):
+    # round-to-nearest never moves; stochastic rounding lands on the fp32 answer 0.5 − 1e-3 on average
+    w, w_rtn = (torch.full((4096,), 0.5, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    o, o_rtn = empg.AdamWSR([w], lr=1e-6), torch.optim.AdamW([w_rtn], lr=1e-6, weight_decay=0.0)
+    for _ in range(1000):
+        w.grad, w_rtn.grad = torch.ones_like(w), torch.ones_like(w_rtn)
+        o.step(), o_rtn.step()
+    assert torch.all(w_rtn == 0.5)
+    assert w.dtype == o.state[w]["exp_avg"].dtype == torch.bfloat16
+    assert w.float().mean().item() == pytest.approx(0.5 - 1e-3, abs=1.5e-4)  # 5σ of the rounding noise
+
+
+def test_cli_bf16_master_weights_train_save_and_resume_exactly(model_dir, toy_jsonl, tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    argv = lambda out, steps, *x: train_argv(model_dir, out, toy_jsonl, "--steps", steps, "--save-every", "2",
+                                              "--master-dtype", "bf16", "--lr", "1e-5", *x)
+    assert run_cli(*argv(full, "4")).returncode == 0
+    assert run_cli(*argv(part, "2")).returncode == 0
+    r = run_cli(*argv(part, "4", "--resume"))
+    assert r.returncode == 0, r.stderr
+    from transformers import AutoModelForCausalLM
+    init = AutoModelForCausalLM.from_pretrained(model_dir)
+    a, b = (AutoModelForCausalLM.from_pretrained(os.path.join(d, "checkpoint-000004"), dtype="auto") for d in (full, part))
+    assert a.dtype == torch.bfloat16 and all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    # 4 steps of ~lr = 1e-5 are ~1/50 of bf16's spacing at these weights (std 0.3): stochastic rounding moves a
+    # matching share of them by one spacing (round-to-nearest would move only the few weights near 0)
+    moved = torch.cat([(p.float() != q.to(torch.bfloat16).float()).flatten() for p, q in zip(a.parameters(), init.parameters())])
+    assert 0.005 < moved.float().mean().item() < 0.5
+    state = torch.load(os.path.join(part, "checkpoint-000004", "trainer_state.pt"), weights_only=False)["optimizer"]
+    assert {v["exp_avg"].dtype for v in state["state"].values()} == {torch.bfloat16}
+
+
 def test_grpo_first_update_equals_empg_and_multiple_updates_run():
     a, b = tiny_model(std=0.3), tiny_model(std=0.3)
     m_step_once(a, 1e-3, "empg"), m_step_once(b, 1e-3, "grpo")
@@ -399,6 +452,8 @@ def test_bad_inputs(model_dir, toy_jsonl, tmp_path, capsys):
     assert "--steps" in bad(train_argv(model_dir, out, toy_jsonl, "--steps", "0"), capsys)
     if not torch.cpu._is_avx512_bf16_supported():
         assert "bf16" in bad(train_argv(model_dir, out, toy_jsonl, "--dtype", "bf16", "--device", "cpu"), capsys)
+    assert "drop --dtype fp32" in bad(train_argv(model_dir, out, toy_jsonl, "--master-dtype", "bf16", "--dtype", "fp32"),
+                                      capsys)
 
 
 def test_bad_model_path_from_the_shell(toy_jsonl, tmp_path):
