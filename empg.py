@@ -52,6 +52,8 @@ class Args:
     weight_decay: float = arg(0.01, "AdamW weight decay")
     grad_clip: float = arg(1.0, "global grad-norm clip")
     micro_batch_size: int = arg(8, "sequences per forward/backward in the M-step")
+    micro_batch_tokens: int = arg(0, "if > 0: micro-batches by size instead, count × padded length ≤ this (e.g. "
+                                     "16384 on an 80 GB GPU): short completions share bigger batches")
     logprob_chunk: int = arg(1024, "tokens per chunk of the vocab projection + logsumexp")
     gradient_checkpointing: str = arg("auto", "recompute layer activations in backward (auto: on for CUDA)",
                                       ["auto", "on", "off"])
@@ -88,6 +90,7 @@ def parse_args(argv=None):
               (a.num_samples >= 1, "--num-samples must be >= 1"), (a.temperature > 0, "--temperature must be > 0"),
               (a.max_new_tokens >= 1, "--max-new-tokens must be >= 1"), (a.lr >= 0, "--lr must be >= 0"),
               (a.micro_batch_size >= 1, "--micro-batch-size must be >= 1"), (a.logprob_chunk >= 1, "--logprob-chunk must be >= 1"),
+              (a.micro_batch_tokens >= 0, "--micro-batch-tokens must be >= 0"),
               (a.updates_per_batch >= 1, "--updates-per-batch must be >= 1"), (a.save_every >= 1, "--save-every must be >= 1"),
               (a.beta >= 0 and a.grad_clip > 0 and a.clip_eps > 0, "--beta must be >= 0, --grad-clip and --clip-eps > 0"),
               (a.num_samples >= 2 or (a.reward_norm != "group" and a.algo != "grpo"),
@@ -689,16 +692,30 @@ def train(args):
     return out_dir
 
 
+def micro_batches(prompts, comps, size, tokens=0):
+    """Indices of the sequences, longest first, cut into micro-batches of `size` — or, with tokens > 0, each as
+    large as fits count × padded length ≤ tokens (after left-padding prompts and right-padding completions)."""
+    order = sorted(range(len(comps)), key=lambda i: len(prompts[i]) + len(comps[i]), reverse=True)
+    mbs = [[]]
+    for i in order:
+        grown = mbs[-1] + [i]
+        padded = len(grown) * (max(len(prompts[j]) for j in grown) + max(len(comps[j]) for j in grown))
+        if len(grown) == 1 or (padded <= tokens if tokens else len(grown) <= size):
+            mbs[-1] = grown
+        else:
+            mbs.append([i])
+    return mbs
+
+
 def m_step(policy, opt, prompts, comps, adv, ctx):
     """`updates_per_batch` optimizer steps on one E-step buffer, in length-sorted micro-batches."""
     args, dev = ctx["args"], ctx["dev"]
     S = len(comps)
-    order = sorted(range(S), key=lambda i: len(prompts[i]) + len(comps[i]), reverse=True)
-    mbs = [order[i:i + args.micro_batch_size] for i in range(0, S, args.micro_batch_size)]
+    mbs = micro_batches(prompts, comps, args.micro_batch_size, args.micro_batch_tokens)
     old = {}  # θ*'s log-probs for the GRPO ratio: the first pass runs at θ = θ*, so they come for free
     policy.train()
     for k in range(args.updates_per_batch):
-        tot = dict(loss=0.0, kl=0.0, entropy=0.0, clip_frac=0.0)
+        tot = dict(loss=0.0, kl=0.0, entropy=0.0, clip_frac=0.0)  # summed on the GPU: no host sync per micro-batch
         for j, mb in enumerate(mbs):
             ids, attn, cmask = collate([prompts[i] for i in mb], [comps[i] for i in mb], ctx["pad_id"], dev)
             a = adv[mb].to(dev)
@@ -712,7 +729,7 @@ def m_step(policy, opt, prompts, comps, adv, ctx):
             if args.algo == "grpo":
                 loss = grpo_loss(logp, old[j], cmask, a, args.clip_eps)
                 ratio = torch.exp(logp.detach() - old[j])
-                tot["clip_frac"] += w * seq_mean(((ratio - 1).abs() > args.clip_eps).float(), cmask).mean().item()
+                tot["clip_frac"] += w * seq_mean(((ratio - 1).abs() > args.clip_eps).float(), cmask).mean()
             else:
                 loss = empg_loss(logp, cmask, a)
             if ctx["ref"] is not None:
@@ -720,13 +737,14 @@ def m_step(policy, opt, prompts, comps, adv, ctx):
                     ref_logp = completion_logprobs(ctx["ref"], ids, attn, cmask, args.temperature, args.logprob_chunk)
                 kl = seq_mean(kl_k3(logp, ref_logp), cmask).mean()
                 loss = loss + args.beta * kl
-                tot["kl"] += w * kl.item()
+                tot["kl"] += w * kl.detach()
             if ent is not None:
                 e = seq_mean(ent, cmask).mean()
                 loss = loss - args.entropy_coef * e
-                tot["entropy"] += w * e.item()
+                tot["entropy"] += w * e.detach()
             (loss * w).backward()
-            tot["loss"] += w * loss.item()
+            tot["loss"] += w * loss.detach()
+        tot = {key: float(v) for key, v in tot.items()}
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         skipped = not (math.isfinite(tot["loss"]) and math.isfinite(grad_norm))

@@ -364,6 +364,28 @@ def test_cli_bf16_master_weights_train_save_and_resume_exactly(model_dir, toy_js
     assert {v["exp_avg"].dtype for v in state["state"].values()} == {torch.bfloat16}
 
 
+def test_micro_batches_by_count_and_by_tokens_give_the_same_step():
+    prompts, comps = [[1] * 3, [1] * 2, [1] * 4, [1] * 2, [1]], [[2] * 5, [2] * 1, [2] * 2, [2] * 3, [2] * 2]
+    # totals 8, 3, 6, 5, 3 → longest first: 0, 2, 3, 1, 4
+    assert empg.micro_batches(prompts, comps, 2) == [[0, 2], [3, 1], [4]]
+    # budget 12: [0, 2] would pad to 2×(4+5) = 18; [2, 3] to 2×(4+3) = 14; [3, 1] is 2×(2+3) = 10; [3, 1, 4] 3×5 = 15
+    assert empg.micro_batches(prompts, comps, 2, tokens=12) == [[0], [2], [3, 1], [4]]
+    assert empg.micro_batches(prompts, comps, 2, tokens=100) == [[0, 2, 3, 1, 4]]
+    assert empg.micro_batches(prompts, comps, 2, tokens=1) == [[0], [2], [3], [1], [4]]  # one sequence always fits
+    weights = []
+    for kw in (dict(micro_batch_size=1), dict(micro_batch_size=5), dict(micro_batch_tokens=12)):
+        model = tiny_model(std=0.3)
+        args = empg.Args(lr=1.0, **kw)
+        ctx = dict(args=args, dev=torch.device("cpu"), autocast=__import__("contextlib").nullcontext, pad_id=0, ref=None)
+        empg.m_step(model, torch.optim.SGD(model.parameters(), lr=1.0), [[p[0] + 4] * len(p) for p in prompts],
+                    [[c[0] + 8 + k for k in range(len(c))] for c in comps], torch.tensor([1., -1., .5, 2., -.3]), ctx)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    init = torch.cat([p.detach().flatten() for p in tiny_model(std=0.3).parameters()])
+    assert (weights[0] - init).abs().max() > 1e-3  # SGD at lr 1: weights − init = −gradient
+    for w in weights[1:]:
+        assert torch.allclose(w, weights[0], atol=1e-6)
+
+
 def test_grpo_first_update_equals_empg_and_multiple_updates_run():
     a, b = tiny_model(std=0.3), tiny_model(std=0.3)
     m_step_once(a, 1e-3, "empg"), m_step_once(b, 1e-3, "grpo")
