@@ -532,6 +532,12 @@ def step_prompts(step, n_rows, k, seed):
     return [perm(j // n_rows)[j % n_rows].item() for j in range(step * k, step * k + k)]
 
 
+def sampler_flag(args):
+    """--sampler auto, except with bf16 master weights: there the KV cache is freed after each E-step (memory for
+    the gradients) and a CUDA graph needs its cache to stay put, so auto means static."""
+    return "static" if args.sampler == "auto" and args.master_dtype == "bf16" else args.sampler
+
+
 def optimizer(policy, args, dev):
     if args.master_dtype == "bf16":
         return AdamWSR(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay, seed=args.seed)
@@ -543,8 +549,9 @@ def setup(args):
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         die("--device cuda but no CUDA GPU is visible")
-    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and (dev.type == "cuda" or args.master_dtype == "bf16"))
-    if bf16 and dev.type == "cpu" and not torch.cpu._is_avx512_bf16_supported() and args.master_dtype == "fp32":
+    bf16_master = getattr(args, "master_dtype", "fp32") == "bf16"  # (eval.py shares this function, without the flag)
+    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and (dev.type == "cuda" or bf16_master))
+    if bf16 and dev.type == "cpu" and not torch.cpu._is_avx512_bf16_supported() and not bf16_master:
         die("--dtype bf16 on a CPU without native bf16 (AVX512-BF16); use --dtype fp32")
     return dev, torch.bfloat16 if bf16 else torch.float32
     return dev, dtype
@@ -597,7 +604,8 @@ def train(args):
         die(f"--resume: no checkpoint with trainer_state.pt in {out_dir}")
     if world > 1 and args.master_dtype == "bf16":
         die("--master-dtype bf16 is for one process; with torchrun, FSDP2 shards the fp32 master weights instead")
-    master = torch.bfloat16 if args.master_dtype == "bf16" else torch.float32
+    bf16_master = args.master_dtype == "bf16"
+    master = torch.bfloat16 if bf16_master else torch.float32
     policy = load_model(ckpt or args.model, dev, master)  # fp32 master weights: a 1e-6 step on bf16 would round away
     tok = load_tokenizer(args.tokenizer or args.model)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -647,7 +655,9 @@ def train(args):
                        for r in batch]
             g = torch.Generator(dev).manual_seed(args.seed * 1_000_003 + step * 1009 + rank)  # per-step RNG: exact resume
             comps = sample(sampler, prompts, args.num_samples, args.max_new_tokens, eos_ids, pad_id,
-                           args.temperature, g, args.sampler)
+                           args.temperature, g, sampler_flag(args))
+            if bf16_master:  # 7B on one GPU: the KV cache (≈ 20 GB at 256 × 1.5k tokens) makes room for the gradients
+                sampler.__dict__.pop("_empg_cache", None)
             texts = tok.batch_decode(comps, skip_special_tokens=True)
             answers = [r["answer"] for r in batch for _ in range(args.num_samples)]
             # Reward R(τ) ∈ {0,1}: the final answer is correct (a truncated completion is graded as it stands)
@@ -820,9 +830,11 @@ def benchmark(args):
     # E-step, every row decoded to the full length (no EOS) so both sides do the same work. Our first call also
     # allocates the KV cache (and compiles, for --sampler compiled); the second is the steady state of a run.
     ours = lambda: sample(sampler, prompts, n, T, set(), 0, args.temperature, torch.Generator(dev).manual_seed(0),
-                          args.sampler)
+                          sampler_flag(args))
     _, res["ours_first_s"] = timed(ours)
     comps, res["ours_s"] = timed(ours)
+    if args.master_dtype == "bf16":  # as in train()
+        sampler.__dict__.pop("_empg_cache", None)
     sampler.generate(torch.tensor([prompts[0]], device=dev), max_new_tokens=2, do_sample=False, pad_token_id=0)
     P = max(map(len, prompts))
     ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=dev)
@@ -849,7 +861,7 @@ def benchmark(args):
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     # the paper's run is --steps E-steps + M-steps of this shape; rows decoded to the cap make it an upper bound
     res["projected_run_h"] = args.steps * (res["ours_s"] + res["mstep_s"]) / 3600
-    res.update(sampler=sampler_mode(sampler, args.sampler), device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", model=args.model,
+    res.update(sampler=sampler_mode(sampler, sampler_flag(args)), device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", model=args.model,
                prompts=len(prompts), num_samples=n, max_new_tokens=T)
     print(json.dumps(res))
     return res
