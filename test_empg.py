@@ -222,6 +222,9 @@ def test_static_decode_step_matches_model_forward_and_samples_like_hf(arch):
     assert model._empg_cache[0][0][0] is kv[0][0] and valid.shape == (12, 256)
     empg.sample(model, prompts, 4, 300, set(), 0, 1.0, g(0), mode="static")
     assert model._empg_cache[1].shape == (12, 512)
+    # and past the first 256 cache columns, where attention starts reading the next block
+    long = empg.sample(model, prompts[:2], 1, 300, set(), 0, 1.0, g(6), mode="hf")
+    assert long == empg.sample(model, prompts[:2], 1, 300, set(), 0, 1.0, g(6), mode="static")
     # one decode step's logits equal the full forward's last-position logits, row by row (left padding included)
     seqs = [p + c for p, c in zip(prompts, empg.sample(model, prompts, 1, 6, set(), 0, 1.0, g(1), mode="static"))]
     for s in seqs:
@@ -229,7 +232,7 @@ def test_static_decode_step_matches_model_forward_and_samples_like_hf(arch):
         kv, valid = empg.static_cache(model, 1, len(s) + 1, torch.zeros(1, 2, 1, 16))
         valid.zero_()
         for t, x in enumerate(s):
-            logits = empg.decode_step(model, kv, valid, torch.tensor([x]), torch.tensor([[t]]), torch.tensor([t]))
+            logits = empg.decode_step(model, kv, valid, torch.tensor([x]), torch.tensor([[t]]), torch.tensor([t]), 256)
         assert torch.allclose(logits[0], want, atol=1e-4)
 
 
