@@ -249,12 +249,13 @@ REWARDS = {"gsm8k": gsm8k_reward, "math": math_reward}
 # at full length — every tensor keeps its shape, so `compiled` turns the step into one CUDA graph (torch.compile,
 # mode reduce-overhead): no per-layer kernel launches from Python, no cache reallocation. Tested token-equal.
 def next_token(logits, temperature, generator=None):
-    """Greedy at temperature 0, else an exact sample from softmax(logits / T): argmax(p / E) with
-    E ~ Exp(1) (the exponential race, Gumbel-max in disguise) needs no multinomial and no host sync."""
+    """Greedy at temperature 0, else an exact sample from softmax(logits / T) by the exponential race:
+    argmax(p / E), E ~ Exp(1) (Gumbel-max in disguise) = argmax(logits − T·log E) — no softmax, no multinomial,
+    no host sync, and one vocab-sized fp32 tensor (the noise, overwritten in place)."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(-1)
+    noise = torch.empty_like(logits, dtype=torch.float32).exponential_(generator=generator)
+    return noise.log_().mul_(-temperature).add_(logits).argmax(-1)
 
 
 def sampler_mode(model, mode="auto"):
@@ -836,7 +837,11 @@ def benchmark(args):
     ours = lambda: sample(sampler, prompts, n, T, set(), 0, args.temperature, torch.Generator(dev).manual_seed(0),
                           sampler_flag(args))
     _, res["ours_first_s"] = timed(ours)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     comps, res["ours_s"] = timed(ours)
+    if dev.type == "cuda":
+        res["estep_peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if args.master_dtype == "bf16":  # as in train()
         sampler.__dict__.pop("_empg_cache", None)
     sampler.generate(torch.tensor([prompts[0]], device=dev), max_new_tokens=2, do_sample=False, pad_token_id=0)
