@@ -268,7 +268,7 @@ def sampler_mode(model, mode="auto"):
         return ("compiled" if model.device.type == "cuda" else "static") if ours else "hf"
     if mode != "hf" and not ours:
         die(f"--sampler {mode} supports qwen2/llama models without sliding window, not {c.model_type!r}; use hf")
-    return mode
+    return "static" if mode == "compiled" and getattr(model, "_empg_compile_failed", False) else mode
 
 
 def rope(x, cos, sin):
@@ -358,7 +358,16 @@ def sample(model, prompts, n, max_new_tokens, eos_ids, pad_id, temperature=1.0, 
             col += 1
             if mode == "compiled":
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed: reuse its buffers
-            logits = step(model, kv, valid, tok, pos, col, min(valid.shape[1], -(-(P + t + 1) // 256) * 256))
+            width = min(valid.shape[1], -(-(P + t + 1) // 256) * 256)
+            try:
+                logits = step(model, kv, valid, tok, pos, col, width)
+            except Exception as e:  # torch.compile failed (no Triton, an unsupported op, ...): go on uncompiled
+                if step is decode_step:
+                    raise
+                print(f"empg: warning: torch.compile failed ({type(e).__name__}); sampling with --sampler static",
+                      file=sys.stderr)
+                model._empg_compile_failed, step = True, decode_step
+                logits = step(model, kv, valid, tok, pos, col, width)  # writing the same cache column again is harmless
     completions = []
     for row in out[:, :t + 1].tolist():
         end = next((k + 1 for k, x in enumerate(row) if x in eos_ids), len(row))

@@ -251,6 +251,20 @@ def test_compiled_sampler_equals_static():
     assert counters["stats"]["unique_graphs"] == before
 
 
+def test_compiled_sampler_falls_back_when_compilation_fails(monkeypatch, capsys):
+    model = tiny_model(std=0.5)
+    want = empg.sample(model, [[5, 6, 7], [8]], 2, 10, {7}, 0, 0, mode="static")
+
+    def broken(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("no compiler here")
+        return run
+    monkeypatch.setattr(torch, "compile", broken)
+    assert empg.sample(model, [[5, 6, 7], [8]], 2, 10, {7}, 0, 0, mode="compiled") == want
+    assert "torch.compile failed (RuntimeError)" in capsys.readouterr().err
+    assert empg.sampler_mode(model, "compiled") == "static"  # later E-steps do not try again
+
+
 def test_sampler_reproducible_and_distribution_correct():
     model = tiny_model(std=0.3)
     g = lambda s: torch.Generator().manual_seed(s)
