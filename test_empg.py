@@ -382,10 +382,13 @@ def test_cli_bf16_master_weights_train_save_and_resume_exactly(model_dir, toy_js
     init = AutoModelForCausalLM.from_pretrained(model_dir)
     a, b = (AutoModelForCausalLM.from_pretrained(os.path.join(d, "checkpoint-000004"), dtype="auto") for d in (full, part))
     assert a.dtype == torch.bfloat16 and all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-    # 4 steps of ~lr = 1e-5 are ~1/50 of bf16's spacing at these weights (std 0.3): stochastic rounding moves a
-    # matching share of them by one spacing (round-to-nearest would move only the few weights near 0)
-    moved = torch.cat([(p.float() != q.to(torch.bfloat16).float()).flatten() for p, q in zip(a.parameters(), init.parameters())])
-    assert 0.005 < moved.float().mean().item() < 0.5
+    # weights with |w| > 0.1 have a bf16 spacing ≥ 4.9e-4; 4 Adam steps of ~lr = 1e-5 move them by ~4e-5, under half
+    # a spacing, so round-to-nearest would leave every one of them where it was. Stochastic rounding moves a share
+    # (~ step / spacing) of them by one spacing.
+    pairs = [(p.float().flatten(), q.flatten()) for p, q in zip(a.parameters(), init.parameters())]
+    big = torch.cat([q.abs() > 0.1 for _, q in pairs])
+    moved = torch.cat([p != q.to(torch.bfloat16).float() for p, q in pairs])[big]
+    assert 0.003 < moved.float().mean().item() < 0.1
     state = torch.load(os.path.join(part, "checkpoint-000004", "trainer_state.pt"), weights_only=False)["optimizer"]
     assert {v["exp_avg"].dtype for v in state["state"].values()} == {torch.bfloat16}
 
@@ -407,7 +410,7 @@ def test_micro_batches_by_count_and_by_tokens_give_the_same_step():
                     [[c[0] + 8 + k for k in range(len(c))] for c in comps], torch.tensor([1., -1., .5, 2., -.3]), ctx)
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     init = torch.cat([p.detach().flatten() for p in tiny_model(std=0.3).parameters()])
-    assert (weights[0] - init).abs().max() > 1e-3  # SGD at lr 1: weights − init = −gradient
+    assert (weights[0] - init).abs().max() > 1e-3  # SGD at lr 1: weights − init = −(clipped) gradient
     for w in weights[1:]:
         assert torch.allclose(w, weights[0], atol=1e-6)
 
