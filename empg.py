@@ -37,7 +37,7 @@ class Args:
     prompts_per_step: int = arg(32, "prompts per E-step")
     num_samples: int = arg(8, "N completions per prompt")
     sampler: str = arg("auto", "E-step decode loop: compiled (CUDA graph) | static (fixed-shape KV cache) | hf "
-                       "(model forward + DynamicCache); auto: compiled on CUDA, static on CPU",
+                       "(model forward + DynamicCache); auto: compiled on CUDA, static on CPU or with --master-dtype bf16",
                        ["auto", "compiled", "static", "hf"])
     temperature: float = arg(1.0, "sampling temperature (pure sampling: no top-k/top-p)")
     max_new_tokens: int = arg(1024, "completion length cap; longer ones are truncated and count as wrong if unfinished")
