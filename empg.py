@@ -1398,11 +1398,12 @@ def log_step(run, step, stats, rewards, lens, adv, comps, texts, rows, times):
         }
     truncated = gather_all([len(c) == a.max_new_tokens and c[-1] not in run.eos_ids for c in comps])
     tokens = sum(gather_all([len(r["ids"]) * N for r in rows])) + int(lens.sum())
-    m = dict(step=step, reward_mean=rewards.mean().item(), reward_std=rewards.std().item() if len(rewards) > 1 else 0.0,
+    m = dict(step=step, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
              adv_abs_mean=adv.abs().mean().item(), **stats, response_len_mean=lens.float().mean().item(),
              truncated_frac=sum(truncated) / len(truncated), **times,
              estep_tok_s=int(lens.sum()) / times["estep_s"],
              mstep_tok_s=tokens * a.updates_per_batch / times["mstep_s"], lr=a.lr)  # fmt: skip
+    m["reward_std"] = m["reward_std"] if len(rewards) > 1 else 0.0
     run.metrics.append(m)
     if run.rank == 0:
         append_jsonl(os.path.join(run.out_dir, "metrics.jsonl"), [m])
@@ -1425,10 +1426,10 @@ def finish(run):
     sync_theta_star(run.theta_star, run.policy)
     if run.args.eval_every:
         evaluate(run, run.args.steps)
-    last = run.metrics[-10:]
+    rewards = [m["reward_mean"] for m in run.metrics[-10:]]
     summary = dict(
         steps=run.args.steps,
-        reward_last10=sum(m["reward_mean"] for m in last) / len(last) if last else None,
+        reward_last10=sum(rewards) / len(rewards) if rewards else None,
         test_score_last10=test_score(run.evals),
         step0_test_score=next((e["test_score"] for e in run.evals if e["step"] == 0), None),
         evals=len(run.evals),
@@ -1437,16 +1438,17 @@ def finish(run):
     )
     if run.rank == 0:
         write_atomic(os.path.join(run.out_dir, "summary.json"), json.dumps(summary, indent=1))
-        fmt = lambda x: "-" if x is None else f"{x:.3f}"
+        f = lambda x: "-" if x is None else f"{x:.3f}"
         say = lambda msg: print(f"empg: {msg}", file=sys.stderr)
         say(
-            f"done, {run.args.steps} steps; reward (mean of the last 10 steps) {fmt(summary['reward_last10'])}"
+            f"done, {run.args.steps} steps; reward, mean of the last 10: {f(summary['reward_last10'])}"
         )
         if run.evals:
-            last10, step0 = fmt(summary["test_score_last10"]), fmt(summary["step0_test_score"])
+            last10, step0 = f(summary["test_score_last10"]), f(summary["step0_test_score"])
             say(f"test score (mean of the last 10 evals) {last10}; step-0 score {step0}")
         say(
-            f"metrics.jsonl, samples.jsonl, eval.jsonl, summary.json and checkpoints are in {run.out_dir}"
+            f"in {run.out_dir}: "
+            + ", ".join(sorted(x for x in os.listdir(run.out_dir) if x[0] != "."))
         )
     if dist.is_initialized():
         dist.barrier()
@@ -1631,7 +1633,7 @@ def benchmark(args):
     )
     m_tokens = (sum(map(len, reps)) + tokens) * args.updates_per_batch
     res["mstep_tok_s"] = m_tokens / res["mstep_s"]
-    if cuda:  # MFU: 8 flops per token and weight (2 forward + 2 recompute + 4 backward); README, speed section
+    if cuda:  # MFU: 8 flops per token and weight (2 forward, 2 recompute, 4 backward): see README
         params = dict(run.policy.named_parameters())
         body = sum(
             p.numel() for k, p in params.items() if "embed_tokens" not in k and "lm_head" not in k
