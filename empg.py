@@ -294,7 +294,6 @@ def m_step(policy, opt, prompts, comps, adv, args, ref=None, autocast=contextlib
     mean, and the step does not depend on how the batch was cut (tested)."""
     dev, T, chunk, S = policy.device, args.temperature, args.logprob_chunk, len(comps)
     mbs = micro_batches(prompts, comps, args.micro_batch_size, args.micro_batch_tokens)
-    mbs = same_count_on_all_ranks(mbs)
     old = {}  # θ*'s log-probs for GRPO's ratio: the first pass runs at θ = θ*, so they are free
     policy.train()
     for _ in range(args.updates_per_batch):
@@ -336,7 +335,7 @@ def train(args):
         t0 = time.time()
         rows = [run.rows[i] for i in step_prompts(step, len(run.rows), a.prompts_per_step, a.seed)]
         rows = rows[run.mine]
-        gen = torch.Generator(run.dev).manual_seed(a.seed * 1_000_003 + step * 1009 + run.rank)
+        gen = sampling_generator(run, step)  # a function of (seed, step): an exact resume
         prompts = [r["ids"] for r in rows]
         comps = sample(run.theta_star, prompts, N, a.max_new_tokens, eos, pad, a.temperature, gen,
                        run.decoder)  # fmt: skip
@@ -351,7 +350,7 @@ def train(args):
         run.phase("training")
         t1 = time.time()
         run.decoder.make_room()  # the KV cache goes if the M-step needs its memory
-        repeated, mine = [p for p in prompts for _ in range(N)], adv.chunk(run.world)[run.rank]
+        repeated, mine = [p for p in prompts for _ in range(N)], adv[run.mine_samples]
         stats = m_step(run.policy, run.opt, repeated, comps, mine, a, run.ref, run.autocast, pad)
         # ---- log and save
         times = dict(estep_s=t1 - t0, mstep_s=time.time() - t1)
@@ -367,6 +366,10 @@ def train(args):
 
 
 # ---- The command line: flags from Args, presets resolved, every number checked up front
+AT_LEAST = dict(steps=1, prompts_per_step=1, num_samples=1, max_new_tokens=1, updates_per_batch=1,
+                micro_batch_size=1, logprob_chunk=1, save_every=1, max_prompt_chars=0, beta=0,
+                entropy_coef=0, micro_batch_tokens=0, eval_every=0, eval_limit=0, log_samples=0,
+                seed=0)  # fmt: skip
 RESUMABLE = [
     "steps",
     "save_every",
@@ -393,11 +396,7 @@ def parse_args(argv=None):
     for k, v in asdict(a).items():
         if isinstance(v, float) and not math.isfinite(v):
             die(f"{flag(k)} must be a finite number")
-    need = dict(steps=1, prompts_per_step=1, num_samples=1, max_new_tokens=1, updates_per_batch=1,
-                micro_batch_size=1, logprob_chunk=1, save_every=1, max_prompt_chars=0, beta=0,
-                entropy_coef=0, micro_batch_tokens=0, eval_every=0, eval_limit=0, log_samples=0,
-                seed=0)  # fmt: skip
-    for k, least in need.items():
+    for k, least in AT_LEAST.items():
         if getattr(a, k) is not None and getattr(a, k) < least:
             die(f"{flag(k)} must be >= {least}")
     checks = [
@@ -666,21 +665,19 @@ def collate(prompts, completions, pad_id, device):
 
 
 def micro_batches(prompts, comps, size, tokens=0):
-    """Indices of the sequences, longest first, cut into micro-batches of `size` — or, with tokens >
-    0, each as large as fits count × padded length ≤ tokens (prompts left-padded, completions
-    right-padded)."""
+    """Indices of the sequences, longest first, cut into micro-batches of `size`, or with tokens > 0
+    each as large as fits count × padded length ≤ tokens (prompts left-, completions right-padded).
+    Under torchrun every process gets as many micro-batches (same_count_on_all_ranks)."""
     order = sorted(range(len(comps)), key=lambda i: len(prompts[i]) + len(comps[i]), reverse=True)
     mbs = [[]]
     for i in order:
         grown = mbs[-1] + [i]
-        padded = len(grown) * (
-            max(len(prompts[j]) for j in grown) + max(len(comps[j]) for j in grown)
-        )
-        if len(grown) == 1 or (padded <= tokens if tokens else len(grown) <= size):
+        longest = max(len(prompts[j]) for j in grown) + max(len(comps[j]) for j in grown)
+        if len(grown) == 1 or (len(grown) * longest <= tokens if tokens else len(grown) <= size):
             mbs[-1] = grown
         else:
             mbs.append([i])
-    return mbs
+    return same_count_on_all_ranks(mbs)
 
 
 def same_count_on_all_ranks(mbs):
@@ -954,56 +951,46 @@ def _hub(*a, **kw):
 
 def load_problems(dataset, split="train", data_dir=""):
     """Rows {question, answer (the reference final answer)} and the task ('gsm8k' or 'math') that
-    grades them. gsm8k | math-hard (train: MATH levels 3-5 minus MATH-500; test: MATH-500) | math500
-    | math-hard-l5 | x.jsonl"""
-    local = lambda *p: [r for _, r in read_jsonl(os.path.join(data_dir, *p))]  # noqa: E731
+    grades them. dataset: gsm8k | math-hard (train: MATH levels 3-5 minus MATH-500; test:
+    MATH-500) | math500 | math-hard-l5 | x.jsonl. data_dir: local files, else the hub."""
     if dataset.endswith(".jsonl"):
         return [_problem(r, f"{dataset}:{n}") for n, r in read_jsonl(dataset)], "math"
     if dataset == "gsm8k":
-        rows = (
-            local("gsm8k", f"{split}.jsonl")
-            if data_dir
-            else _hub("openai/gsm8k", "main", split=split)
-        )
-        return [_problem(r, f"gsm8k row {n}") for n, r in enumerate(rows, 1)], "gsm8k"
+        hub = lambda: _hub("openai/gsm8k", "main", split=split)
+        rows = _local(data_dir, "gsm8k", f"{split}.jsonl") if data_dir else hub()
+        return [_problem(r, f"gsm8k {split} row {n}") for n, r in enumerate(rows, 1)], "gsm8k"
     if dataset not in ("math-hard", "math500", "math-hard-l5"):
-        die(
-            f"unknown dataset {dataset!r}: use gsm8k, math-hard, math500, math-hard-l5 or a .jsonl file"
-        )
-    if (
-        dataset == "math-hard" and split == "train"
-    ):  # the author's "MATH HARD" train set, reconstructed
+        die(f"unknown dataset {dataset!r}: use gsm8k, math-hard, math500, math-hard-l5 or a .jsonl")
+    rows = _math_rows(dataset, split, data_dir)
+    answer = lambda r: r.get("answer") or last_boxed(r["solution"]) or ""
+    return [{"question": r["problem"], "answer": answer(r)} for r in rows], "math"
+
+
+def _local(data_dir, *path):
+    return [r for _, r in read_jsonl(os.path.join(data_dir, *path))]
+
+
+def _math_rows(dataset, split, data_dir):
+    lighteval = lambda s: _hub("DigitalLearningGmbH/MATH-lighteval", split=s)
+    m500 = lambda: _local(data_dir, "math", "math500_test.jsonl") if data_dir else _hub(
+        "HuggingFaceH4/MATH-500", split="test")  # fmt: skip
+    if dataset == "math-hard" and split == "train":  # the author's "MATH HARD" train set, rebuilt
         if data_dir:
-            m500 = {r["problem"] for r in local("math", "math500_test.jsonl")}
-            rows = local("math", "train.jsonl") + local("math", "test.jsonl")
+            rows = _local(data_dir, "math", "train.jsonl") + _local(data_dir, "math", "test.jsonl")
         else:
-            m500 = {r["problem"] for r in _hub("HuggingFaceH4/MATH-500", split="test")}
-            lighteval = [
-                _hub("DigitalLearningGmbH/MATH-lighteval", split=s) for s in ("train", "test")
+            rows = [
+                dict(r, level=r["level"].split()[-1])
+                for s in ("train", "test")
+                for r in lighteval(s)
             ]
-            rows = [dict(r, level=r["level"].split()[-1]) for part in lighteval for r in part]
-        rows = [
-            r
-            for r in rows
-            if str(r["level"]).isdigit() and int(r["level"]) >= 3 and r["problem"] not in m500
-        ]
-    elif dataset == "math-hard-l5":
-        hard = lambda: [
-            r
-            for r in _hub("DigitalLearningGmbH/MATH-lighteval", split="test")
-            if r["level"] == "Level 5"
-        ]  # noqa: E731
-        rows = local("math", "hard_test.jsonl") if data_dir else hard()
-    else:  # math500, and math-hard's test set
-        rows = (
-            local("math", "math500_test.jsonl")
-            if data_dir
-            else _hub("HuggingFaceH4/MATH-500", split="test")
-        )
-    return [
-        {"question": r["problem"], "answer": r.get("answer") or last_boxed(r["solution"]) or ""}
-        for r in rows
-    ], "math"
+        test = {r["problem"] for r in m500()}
+        hard = lambda r: str(r["level"]).isdigit() and int(r["level"]) >= 3
+        return [r for r in rows if hard(r) and r["problem"] not in test]
+    if dataset == "math-hard-l5":
+        if data_dir:
+            return _local(data_dir, "math", "hard_test.jsonl")
+        return [r for r in lighteval("test") if r["level"] == "Level 5"]
+    return m500()  # math500, and math-hard's test set
 
 
 def prepare(rows, tok, template, max_chars, model, max_new_tokens, what):
@@ -1181,48 +1168,37 @@ def build_models(args, dev, dtype, world=1, ckpt=None, state=None):
     """θ (trainable, master dtype), θ* (frozen, compute dtype; θ itself when they coincide on one
     process), θ*'s decoder, the KL reference, the optimizer and the autocast context. Shared by
     train() and --benchmark."""
-    master = (
-        torch.bfloat16 if args.master_dtype == "bf16" else torch.float32
-    )  # a 1e-6 step on bf16 rounds away
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one progress bar: ours (no "Loading weights", "Writing...")
+    master = torch.bfloat16 if args.master_dtype == "bf16" else torch.float32  # 1e-6 steps stay
     policy = load_model(ckpt or args.model, dev, master, insist_cpu=args.device == "cpu")
-    if state is not None and "master" in state:
-        policy.load_state_dict(
-            state["master"]
-        )  # the fp32 weights; the checkpoint's HF dir holds them in bf16
-    if args.gradient_checkpointing == "on" or (
-        args.gradient_checkpointing == "auto" and dev.type == "cuda"
-    ):
+    if state is not None and "master" in state:  # fp32 weights; the checkpoint's files are bf16
+        policy.load_state_dict(state["master"])
+    gc = args.gradient_checkpointing
+    if gc == "on" or (gc == "auto" and dev.type == "cuda"):
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.config.use_cache = False
     theta_star = frozen_copy(policy, dtype) if dtype != master or world > 1 else policy
     ref = None
     if args.beta > 0:  # π_init: the weights the run started from
         ref = (
-            frozen_copy(policy, dtype)
-            if ckpt is None
-            else load_model(args.model, dev, dtype, True).requires_grad_(False)
+            frozen_copy(policy, dtype) if ckpt is None else load_model(args.model, dev, dtype, True)
         )
+        ref.requires_grad_(False)
     if world > 1:
         shard(policy, dtype)
     opt = make_optimizer(policy, args, dev)
     if state is not None:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_optimizer_state_dict,
-        )
-
-        set_optimizer_state_dict(
-            policy, opt, state["optimizer"], options=StateDictOptions(full_state_dict=True)
-        )
-    autocast = (
-        functools.partial(torch.autocast, dev.type, dtype=dtype)
-        if dtype != torch.float32
-        else contextlib.nullcontext
-    )
+        full = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(policy, opt, state["optimizer"], options=full)
+    autocast = contextlib.nullcontext
+    if dtype != torch.float32:
+        autocast = functools.partial(torch.autocast, dev.type, dtype=dtype)
     decoder = make_decoder(theta_star, args.sampler, args.master_dtype)
-    return SimpleNamespace(
-        policy=policy, theta_star=theta_star, decoder=decoder, ref=ref, opt=opt, autocast=autocast
-    )
+    objs = dict(policy=policy, theta_star=theta_star, decoder=decoder, ref=ref, opt=opt)
+    return SimpleNamespace(**objs, autocast=autocast)
 
 
 def build(args):
@@ -1234,57 +1210,49 @@ def build(args):
     raw, task = load_problems(args.dataset, "train", args.data_dir)
     template = args.prompt_template or default_template(args.dataset, task)
     ckpt = latest_checkpoint(out_dir) if args.resume else None
-    state = (
-        torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", weights_only=False)
-        if ckpt
-        else None
-    )
+    state = None
+    if ckpt:
+        state = torch.load(
+            os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", weights_only=False
+        )
     run = build_models(args, dev, dtype, world, ckpt, state)
     tok = load_tokenizer(args.tokenizer or args.model)
     rows = prepare(
-        raw, tok, template, args.max_prompt_chars, run.policy, args.max_new_tokens, "training"
+        raw, tok, template, args.max_prompt_chars, run.policy, args.max_new_tokens, "train"
     )
     args.steps = args.steps or max(1, len(rows) // args.prompts_per_step)  # one epoch, drop-last
     eval_rows, eval_task = load_eval_rows(args, tok, run.policy)
-    start = state["step"] if state else 0
-    log = lambda name, keep: read_log(os.path.join(out_dir, name), keep) if rank == 0 else []  # noqa: E731
+    k, N = args.prompts_per_step // world, args.num_samples
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     run.__dict__.update(
-        args=args,
-        rank=rank,
-        world=world,
-        dev=dev,
-        out_dir=out_dir,
-        lock=lock,
-        tok=tok,
-        task=task,
-        rows=rows,
-        eval_rows=eval_rows,
-        eval_task=eval_task,
-        start=start,
-        saved=start,
-        stop=False,
-        skipped_in_a_row=0,
-        k=args.prompts_per_step // world,
-        mine=slice(
-            rank * (args.prompts_per_step // world), (rank + 1) * (args.prompts_per_step // world)
-        ),
-        pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-        eos_ids=stop_ids(tok, run.theta_star, template),
-        metrics=log("metrics.jsonl", lambda r: r.get("step", 0) <= start),
-        evals=log(
-            "eval.jsonl", lambda r: r.get("step", 0) < start
-        ),  # step s is evaluated after checkpoint s
-        bar=None,
-    )
-    run.phase = lambda name: (
-        run.bar is not None
-        and not run.bar.disable
-        and run.bar.set_description_str(f"{args.algo}: {name}")
-    )
-    if rank == 0:
-        log("samples.jsonl", lambda r: r.get("step", 0) <= start)
-        write_atomic(os.path.join(out_dir, "args.json"), json.dumps(asdict(args), indent=1))
+        args=args, rank=rank, world=world, dev=dev, out_dir=out_dir, lock=lock, tok=tok, task=task,
+        rows=rows, eval_rows=eval_rows, eval_task=eval_task, k=k, pad_id=pad_id,
+        mine=slice(rank * k, (rank + 1) * k), mine_samples=slice(rank * k * N, (rank + 1) * k * N),
+        eos_ids=stop_ids(tok, run.theta_star, template), stop=False, skipped_in_a_row=0, bar=None,
+    )  # fmt: skip
+    run.phase = lambda what: run.bar and run.bar.set_description_str(f"{args.algo}: {what}")
+    open_logs(run, state["step"] if state else 0)
     return run
+
+
+def open_logs(run, start):
+    """Cut the logs back to the checkpoint a run resumes from (a step-s evaluation comes after
+    checkpoint s), keep them in memory for the summaries, and write args.json."""
+    log = lambda name, keep: (
+        read_log(os.path.join(run.out_dir, name), keep) if run.rank == 0 else []
+    )
+    run.start = run.saved = start
+    run.metrics = log("metrics.jsonl", lambda r: r.get("step", 0) <= start)
+    run.evals = log("eval.jsonl", lambda r: r.get("step", 0) < start)
+    if run.rank == 0:
+        log("samples.jsonl", lambda r: r.get("step", 0) <= start)
+        write_atomic(os.path.join(run.out_dir, "args.json"), json.dumps(asdict(run.args), indent=1))
+
+
+def sampling_generator(run, step):
+    """The E-step's noise: a function of (seed, step, process), so a resumed run samples the same."""
+    seed = run.args.seed * 1_000_003 + step * 1009 + run.rank
+    return torch.Generator(run.dev).manual_seed(seed)
 
 
 def open_run_dir(args, rank):
@@ -1398,12 +1366,12 @@ def log_step(run, step, stats, rewards, lens, adv, comps, texts, rows, times):
         }
     truncated = gather_all([len(c) == a.max_new_tokens and c[-1] not in run.eos_ids for c in comps])
     tokens = sum(gather_all([len(r["ids"]) * N for r in rows])) + int(lens.sum())
-    m = dict(step=step, reward_mean=rewards.mean().item(), reward_std=rewards.std().item(),
+    std = rewards.std(correction=int(len(rewards) > 1)).item()  # one reward: 0, not NaN
+    m = dict(step=step, reward_mean=rewards.mean().item(), reward_std=std,
              adv_abs_mean=adv.abs().mean().item(), **stats, response_len_mean=lens.float().mean().item(),
              truncated_frac=sum(truncated) / len(truncated), **times,
              estep_tok_s=int(lens.sum()) / times["estep_s"],
              mstep_tok_s=tokens * a.updates_per_batch / times["mstep_s"], lr=a.lr)  # fmt: skip
-    m["reward_std"] = m["reward_std"] if len(rewards) > 1 else 0.0
     run.metrics.append(m)
     if run.rank == 0:
         append_jsonl(os.path.join(run.out_dir, "metrics.jsonl"), [m])
@@ -1579,110 +1547,75 @@ def write_checkpoint(path, run, model_sd, opt_sd, step):
 
 # ---- Benchmark: where does the time go? (`--benchmark`: random prompts; a config-only --model will do)
 def benchmark(args):
+    """Our E-step against model.generate() on the same random prompts and lengths, then one M-step
+    on those samples; one JSON line. Every row decodes to the cap (no EOS): both do the same work."""
     dev, dtype = device_and_dtype(args)
-    run = build_models(args, dev, dtype)
+    run, res = build_models(args, dev, dtype), {}
     g = torch.Generator().manual_seed(args.seed)
     vocab = min(run.policy.config.vocab_size, 151643)  # below Qwen's special tokens
     lengths = torch.randint(64, 129, (args.prompts_per_step,), generator=g).tolist()
     prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
-    n, T, res = args.num_samples, args.max_new_tokens, {}
-    cuda = dev.type == "cuda"
-
-    def timed(fn, peak=None):
-        torch.cuda.synchronize() if cuda else None
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        t = time.time()
-        out = fn()
-        torch.cuda.synchronize() if cuda else None
-        res.update({peak: torch.cuda.max_memory_allocated() / 2**30} if cuda and peak else {})
-        return out, time.time() - t
-
-    # E-step, every row decoded to the cap (no EOS) so both sides do the same work. Our first call
-    # allocates the KV cache (and compiles, for --sampler compiled); the second is what every later
-    # step costs.
-    ours = lambda: sample(
-        run.theta_star,
-        prompts,
-        n,
-        T,
-        set(),
-        0,
-        args.temperature,
-        torch.Generator(dev).manual_seed(0),
-        run.decoder,
-    )  # noqa: E731
-    _, res["ours_first_s"] = timed(ours)
-    comps, res["ours_s"] = timed(ours, "estep_peak_mem_gib")
+    n, T, cuda = args.num_samples, args.max_new_tokens, dev.type == "cuda"
+    # our first call allocates the KV cache (and compiles); the second is what a later step costs
+    ours = lambda: sample(run.theta_star, prompts, n, T, set(), 0, args.temperature,
+                          torch.Generator(dev).manual_seed(0), run.decoder)  # fmt: skip
+    timed(ours, res, "ours_first_s")
+    comps = timed(ours, res, "ours_s", "estep_peak_mem_gib")
     run.decoder.make_room()
-    res["generate_s"] = time_generate(run.theta_star, prompts, n, T, args.temperature, timed)
+    gen = lambda: generate_like_sample(run.theta_star, prompts, n, T, args.temperature)
+    timed(gen, res, "generate_s")
     tokens = len(prompts) * n * T
-    res.update(
-        ours_tok_s=tokens / res["ours_s"],
-        generate_tok_s=tokens / res["generate_s"],
-        speedup=res["generate_s"] / res["ours_s"],
-    )
-    # M-step: one optimizer step on those samples
-    run.decoder.make_room()
-    reps = [p for p in prompts for _ in range(n)]
-    _, res["mstep_s"] = timed(
-        lambda: m_step(
-            run.policy, run.opt, reps, comps, torch.randn(len(comps)), args, None, run.autocast
-        ),
-        "peak_mem_gib",
-    )
+    res.update(ours_tok_s=tokens / res["ours_s"], generate_tok_s=tokens / res["generate_s"],
+               speedup=res["generate_s"] / res["ours_s"])  # fmt: skip
+    reps, adv = [p for p in prompts for _ in range(n)], torch.randn(len(comps))
+    step = lambda: m_step(run.policy, run.opt, reps, comps, adv, args, None, run.autocast)
+    timed(step, res, "mstep_s", "peak_mem_gib")
     m_tokens = (sum(map(len, reps)) + tokens) * args.updates_per_batch
     res["mstep_tok_s"] = m_tokens / res["mstep_s"]
     if cuda:  # MFU: 8 flops per token and weight (2 forward, 2 recompute, 4 backward): see README
-        params = dict(run.policy.named_parameters())
-        body = sum(
-            p.numel() for k, p in params.items() if "embed_tokens" not in k and "lm_head" not in k
+        emb, head = (
+            run.policy.get_input_embeddings().weight,
+            run.policy.get_output_embeddings().weight,
         )
-        head = run.policy.get_output_embeddings().weight.numel()
-        res["mfu"] = (
-            8 * (body * m_tokens + head * tokens * args.updates_per_batch) / res["mstep_s"] / 989e12
-        )
-    steps = args.steps or 225  # GSM8K's one epoch
-    res["projected_run_h"] = (
-        steps * (res["ours_s"] + res["mstep_s"]) / 3600
-    )  # rows decoded to the cap: an upper bound
-    res.update(
-        sampler=type(run.decoder).__name__
-        + (" (compiled)" if getattr(run.decoder, "compiled", False) else ""),
-        master_dtype=args.master_dtype,
-        model=args.model,
-        device=torch.cuda.get_device_name() if cuda else "cpu",
-        prompts=len(prompts),
-        num_samples=n,
-        max_new_tokens=T,
-        micro_batch_size=args.micro_batch_size,
-        micro_batch_tokens=args.micro_batch_tokens,
-    )
+        body = sum(p.numel() for p in run.policy.parameters()) - head.numel()
+        body -= 0 if emb is head else emb.numel()  # the embedding is a lookup, not a matmul
+        flops = 8 * (body * m_tokens + head.numel() * tokens * args.updates_per_batch)
+        res["mfu"] = flops / res["mstep_s"] / 989e12  # H100 SXM dense bf16 peak
+    # --steps E-steps and M-steps of this shape (rows decoded to the cap: an upper bound)
+    res["projected_run_h"] = (args.steps or 225) * (res["ours_s"] + res["mstep_s"]) / 3600
+    compiled = " (compiled)" if getattr(run.decoder, "compiled", False) else ""
+    res.update(sampler=type(run.decoder).__name__ + compiled, master_dtype=args.master_dtype,
+               model=args.model, device=torch.cuda.get_device_name() if cuda else "cpu",
+               prompts=len(prompts), num_samples=n, max_new_tokens=T,
+               micro_batch_size=args.micro_batch_size,
+               micro_batch_tokens=args.micro_batch_tokens)  # fmt: skip
     print(json.dumps(res))
     return res
 
 
-def time_generate(model, prompts, n, T, temperature, timed):
-    """model.generate() on the same prompts and lengths: the obvious alternative, measured in the
-    same run."""
-    dev = model.device
-    model.generate(
-        torch.tensor([prompts[0]], device=dev), max_new_tokens=2, do_sample=False, pad_token_id=0
-    )  # warm-up
-    ids, mask = left_pad(prompts, 0, dev)
-    kw = dict(
-        do_sample=True,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=T,
-        min_new_tokens=T,
+def timed(fn, res, key, peak_key=None):
+    """fn() timed into res[key], with the device's peak memory into res[peak_key] on CUDA."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.time()
+    out = fn()
+    if cuda:
+        torch.cuda.synchronize()
+        res.update({peak_key: torch.cuda.max_memory_allocated() / 2**30} if peak_key else {})
+    res[key] = time.time() - t
+    return out
+
+
+def generate_like_sample(model, prompts, n, T, temperature):
+    """model.generate() on the same prompts and lengths as sample(): the obvious alternative."""
+    ids, mask = left_pad(prompts, 0, model.device)
+    kw = dict(top_k=0, top_p=1.0, max_new_tokens=T, min_new_tokens=T, pad_token_id=0)
+    kw.update(do_sample=True, temperature=temperature) if temperature > 0 else kw.update(
+        do_sample=False
     )
-    return timed(
-        lambda: model.generate(
-            ids, attention_mask=mask, num_return_sequences=n, pad_token_id=0, **kw
-        )
-    )[1]
+    return model.generate(ids, attention_mask=mask, num_return_sequences=n, **kw)
 
 
 if __name__ == "__main__":
