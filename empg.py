@@ -386,6 +386,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, epilog=note, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.error = lambda msg: die(msg)  # one line, not argparse's usage block
     for f in fields(Args):
         kw = dict(type=f.metadata["kind"], default=f.default, choices=f.metadata["choices"] or None)
         kw = dict(action="store_true") if f.type is bool else kw
@@ -993,28 +994,29 @@ def _math_rows(dataset, split, data_dir):
     return m500()  # math500, and math-hard's test set
 
 
-def prepare(rows, tok, template, max_chars, model, max_new_tokens, what):
-    """The author's filter (templated prompt ≤ max_chars characters, train and test alike), then
-    each prompt tokenized once; a prompt the model cannot hold, or ids outside its vocabulary, stop
-    the run with one line."""
+def keep_short(rows, template, max_chars):
+    """The author's prompt filter, on train and test alike: the templated prompt has at most
+    max_chars characters (0: keep all). GSM8K: 7473 → 7230 train (225 steps of 32), 1319 → 1265
+    test; MATH-500: 500 → 496."""
     rows = [dict(r, prompt=template.replace("{question}", r["question"])) for r in rows]
-    rows = [r for r in rows if not max_chars or len(r["prompt"]) <= max_chars]
+    return [r for r in rows if not max_chars or len(r["prompt"]) <= max_chars]
+
+
+def prepare(rows, tok, template, max_chars, model, max_new_tokens, what):
+    """keep_short(), then each prompt tokenized once; a prompt the model cannot hold, or ids beyond
+    its vocabulary, stop the run with one line."""
+    rows = keep_short(rows, template, max_chars)
     if not rows:
         die(f"no {what} prompt is within --max-prompt-chars {max_chars}")
     ids = tok([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
     longest, top = max(map(len, ids)), max(max(x, default=0) for x in ids)
     context = getattr(model.config, "max_position_embeddings", None) or math.inf
     if longest + max_new_tokens > context:
-        die(
-            f"a {what} prompt of {longest} tokens + --max-new-tokens {max_new_tokens} exceeds the "
-            f"model's context of "
-            f"{context}: lower --max-prompt-chars or --max-new-tokens"
-        )
+        die(f"a {what} prompt of {longest} tokens + --max-new-tokens {max_new_tokens} exceeds the "
+            f"model's context ({context}): lower --max-prompt-chars or --max-new-tokens")  # fmt: skip
     if top >= model.config.vocab_size:
-        die(
-            f"the tokenizer gives id {top}, beyond the model's vocabulary of {model.config.vocab_size}: "
-            "wrong --tokenizer?"
-        )
+        die(f"the tokenizer gives id {top}, beyond the model's vocabulary "
+            f"({model.config.vocab_size}): wrong --tokenizer?")  # fmt: skip
     return [dict(r, ids=i) for r, i in zip(rows, ids)]
 
 

@@ -199,7 +199,7 @@ def parse_args(argv=None):
         "F", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {}
     )
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__, formatter_class=fmt)
-    add = p.add_argument
+    p.error, add = (lambda msg: die(msg)), p.add_argument
     add(
         "--model", action="append", default=[], help="hub name or checkpoint dir; repeat to compare"
     )
@@ -311,11 +311,7 @@ def main(argv=None):
         if chars < 0:
             chars = empg.PRESETS["gsm8k" if task == "gsm8k" else "math-hard"]["max_prompt_chars"]
             chars = 0 if args.dataset.endswith(".jsonl") else chars
-        rows = [
-            r
-            for r in rows
-            if not chars or len(template.replace("{question}", r["question"])) <= chars
-        ]
+        rows = empg.keep_short(rows, template, chars)
         rows = rows[: args.limit or None]
         if not rows:
             die(f"no {args.dataset} problem is left after --max-prompt-chars {chars} and --limit")

@@ -1,12 +1,15 @@
 """Tests for empg.py: every number is checked against a hand computation or a second implementation.
 Run: python -m pytest -q test_empg.py   (CPU, tiny random Qwen2 models; ../shared/data if present, else fixtures/)"""
-import json, math, os, shutil, string, subprocess, sys
+import json, math, os, shutil, signal, string, subprocess, sys, time
 
-import pytest
-import torch
-import torch.nn.functional as F
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only oversubscribe a small box,
+import pytest  # noqa: E402  (and the CLI subprocesses inherit the setting)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-import empg
+import empg  # noqa: E402
+
+torch.set_num_threads(1)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "shared", "data")
@@ -539,7 +542,7 @@ sys.path.insert(0, {here!r})
 import empg
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoModelForCausalLM
-fixed, args = json.loads({fixed!r}), empg.Args(lr=1e-3, micro_batch_size=1, device="cpu", grad_clip=0.5)
+fixed, args = json.loads({fixed!r}), empg.Args(**json.loads({args!r}))
 rank, world = empg.init_distributed(args)
 sl = slice(rank * 2, rank * 2 + 2)
 rewards = torch.tensor(empg.gather_all(fixed["rewards"][sl]))  # each process graded only its own samples
@@ -556,12 +559,16 @@ torch.distributed.destroy_process_group()  # exiting with a live gloo group can 
 """
 
 
-def test_torchrun_fsdp2_step_equals_one_process(model_dir, tmp_path):
-    import contextlib
+@pytest.mark.parametrize("tokens", [0, 12])
+def test_torchrun_fsdp2_step_equals_one_process(model_dir, tmp_path, tokens):
+    """tokens = 12: --micro-batch-tokens gives rank 0 one micro-batch (2 × (3 + 3) = 12 padded tokens) and
+    rank 1 two (2 × (4 + 4) = 16 > 12): unpaired FSDP2 collectives hung here; now both run two."""
     from transformers import AutoModelForCausalLM
+    kw = dict(lr=1e-3, micro_batch_size=1, micro_batch_tokens=tokens, device="cpu", grad_clip=0.5)
     script, out = tmp_path / "step.py", str(tmp_path / "two.pt")
-    script.write_text(SHARDED_STEP.format(here=HERE, fixed=json.dumps(FIXED), model=model_dir, out=out))
-    r = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True, timeout=300)
+    script.write_text(SHARDED_STEP.format(here=HERE, fixed=json.dumps(FIXED), model=model_dir, out=out,
+                                          args=json.dumps(kw)))
+    r = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     two = torch.load(out, weights_only=False)
     # one process, all four samples
@@ -571,6 +578,9 @@ def test_torchrun_fsdp2_step_equals_one_process(model_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     stats = empg.m_step(model, opt, FIXED["prompts"], FIXED["comps"], adv, args)
+    if tokens:
+        assert empg.micro_batches(FIXED["prompts"][:2], FIXED["comps"][:2], 1, tokens) == [[0, 1]]
+        assert empg.micro_batches(FIXED["prompts"][2:], FIXED["comps"][2:], 1, tokens) == [[1], [0]]
     assert stats["grad_norm"] > 0.5  # the clip is active, so the global grad norm must be right too
     moved = 0
     for name, p in model.state_dict().items():  # (a) the weights after the step agree
@@ -626,3 +636,87 @@ def test_benchmark_prints_its_json_line(model_dir):
     for k in ("ours_tok_s", "generate_tok_s", "mstep_tok_s"):
         assert res[k] > 0
     assert res["speedup"] == pytest.approx(res["generate_s"] / res["ours_s"])
+
+
+# ---------------------------------------------------------------- the paper's protocol (issue: reproduce the paper)
+def test_authors_strict_gsm8k_rule_boundaries():
+    R = empg.gsm8k_reward
+    assert R("#### 18.", "18") == 0 and R("####18", "18") == 0 and R("#### $18", "18") == 0
+    assert R("#### 1,234", "1234") == 1 and R("#### 1,234", "#### 1,234") == 1 and R("#### -5", "-5") == 1
+    assert R("#### 18 then #### 19", "18") == 1 and R("#### 18 then #### 19", "19") == 0  # first match wins
+    assert R("#### 18\nWait, #### 19.", "19") == 0 and empg.hash_answer("####  7") is None  # exactly one space
+    g = empg.grade("so #### $18", "18", "gsm8k")
+    assert not g["correct"] and g["lenient"]  # the loose rule is eval.py's lenient score only
+
+
+def test_every_gsm8k_test_solution_grades_itself_correct():
+    rows = [json.loads(l) for l in open(os.path.join(DATA, "gsm8k", "test.jsonl"))]
+    assert all(empg.gsm8k_reward(r["answer"], r["answer"]) == 1.0 for r in rows)
+    assert all(empg.gsm8k_reward(r["answer"], empg.final_answer(r["answer"])) == 1.0 for r in rows)
+
+
+def test_prompt_filter_counts():
+    rows = [{"question": "x" * n, "answer": "1"} for n in (1, 10, 11, 50)]
+    t = "Q: {question}"  # 3 characters + the question
+    assert [len(r["question"]) for r in empg.keep_short(rows, t, 13)] == [1, 10]
+    assert len(empg.keep_short(rows, t, 0)) == 4  # 0: no filter
+    if DATA != SHARED:
+        pytest.skip("the author's counts need ../shared/data")
+    count = lambda ds, split, preset: len(empg.keep_short(
+        empg.load_problems(ds, split, DATA)[0], empg.default_template(ds, empg.load_problems(ds, split, DATA)[1]),
+        empg.PRESETS[preset]["max_prompt_chars"]))
+    assert count("gsm8k", "train", "gsm8k") == 7230 and 7230 // 32 == 225  # the x-axis of the paper's figures
+    assert count("gsm8k", "test", "gsm8k") == 1265 and count("math500", "test", "math-hard") == 496
+
+
+def test_presets_and_their_overrides():
+    a = empg.parse_args(["--dataset", "gsm8k"])
+    assert (a.num_samples, a.max_new_tokens, a.max_prompt_chars, a.reward_norm) == (2, 1024, 512, "token")
+    a = empg.parse_args(["--dataset", "math-hard", "--max-new-tokens", "2048"])
+    assert (a.num_samples, a.max_new_tokens, a.max_prompt_chars) == (8, 2048, 1024)
+    a = empg.parse_args(["--dataset", "x.jsonl", "--num-samples", "3"])
+    assert (a.num_samples, a.max_new_tokens, a.max_prompt_chars, a.steps) == (3, 1024, 0, None)
+
+
+def test_token_weighted_statistics_by_hand():
+    r, lens = torch.tensor([1., 0., 0.]), torch.tensor([3, 1, 1])
+    # token: 5 tokens carry rewards [1,1,1,0,0] → μ = 0.6, unbiased σ² = (3·0.16 + 2·0.36)/4 = 0.3
+    z = torch.tensor([0.4, -0.6, -0.6]) / math.sqrt(0.3 + 1e-8)
+    assert torch.allclose(empg.sigmoid_normalize(r, "token", lengths=lens), torch.sigmoid(z))
+    # batch (per response): μ = 1/3, σ² = 1/3 → a different z for the same rewards
+    zb = torch.tensor([2 / 3, -1 / 3, -1 / 3]) / math.sqrt(1 / 3 + 1e-8)
+    assert torch.allclose(empg.sigmoid_normalize(r, "batch"), torch.sigmoid(zb))
+    assert not torch.allclose(torch.sigmoid(z), torch.sigmoid(zb), atol=0.02)
+    assert torch.allclose(empg.advantages(r, 3, reward_norm="token", lengths=lens), 2 * torch.sigmoid(z) - 1)
+    assert torch.allclose(empg.sigmoid_normalize(r, "token"), torch.sigmoid(zb))  # no lengths: per response
+    same = empg.sigmoid_normalize(torch.ones(4), "token", lengths=torch.tensor([1, 2, 3, 4]))
+    assert torch.equal(same, torch.full((4,), 0.5))  # all equal: z = 0, not NaN
+
+
+def test_kl_k3_is_clamped_like_the_authors():
+    logp = torch.tensor([0.0, 0.0, 0.0])
+    ref = torch.tensor([-1.0, 3.0, 30.0])
+    want = [math.exp(-1) + 1 - 1, min(math.exp(3) - 3 - 1, 10), 10.0]  # e^3 − 4 = 16.1 → 10; r = 30 → 20 → 10
+    assert torch.allclose(empg.kl_k3(logp, ref), torch.tensor(want))
+
+
+def test_cli_evaluates_during_the_run_and_resumes_the_eval_log(model_dir, toy_jsonl, tmp_path):
+    out = str(tmp_path / "o")
+    argv = lambda steps, *x: train_argv(model_dir, out, toy_jsonl, "--steps", steps, "--save-every", "2",
+                                        "--eval-every", "2", "--eval-limit", "4", "--eval-dataset", toy_jsonl, *x)
+    r = run_cli(*argv("3"))  # evaluations at steps 0, 2 and the end (3)
+    assert r.returncode == 0, r.stderr
+    r = run_cli(*argv("4", "--resume"))  # resumes from checkpoint 2: step 2's evaluation is not repeated
+    assert r.returncode == 0, r.stderr
+    ev = read_jsonl(os.path.join(out, "eval.jsonl"))
+    assert [e["step"] for e in ev] == [0, 2, 4] and all(e["n"] == 4 and 0 <= e["test_score"] <= 1 for e in ev)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["test_score_last10"] == pytest.approx(sum(e["test_score"] for e in ev) / 3)
+    assert summary["step0_test_score"] == ev[0]["test_score"]
+    assert f"test score (mean of the last 10 evals) {summary['test_score_last10']:.3f}" in r.stderr
+    # the in-run score is eval.py's score: the same sampler, grader and rows give the same number
+    import eval as ev_mod
+    s = ev_mod.main(["--model", os.path.join(out, "checkpoint-000004"), "--dataset", toy_jsonl, "--limit", "4",
+                     "--max-new-tokens", "6", "--batch-size", "6", "--dtype", "fp32",
+                     "--output-dir", str(tmp_path / "e")])
+    assert next(iter(s.values()))["accuracy"] == pytest.approx(ev[-1]["test_score"])
