@@ -1387,6 +1387,7 @@ def log_step(run, step, stats, rewards, lens, adv, comps, texts, rows, times):
                         loss=f"{m['loss']:.4f}", test=test)  # fmt: skip
     run.skipped_in_a_row = run.skipped_in_a_row + 1 if stats["skipped"] else 0
     if run.skipped_in_a_row >= 3:
+        run.bar.close()
         die(f"3 steps in a row had a non-finite loss or gradient (NaN weights? --lr or --beta too "
             f"large?); stopped at step {step}; the last checkpoint is step {run.saved}")  # fmt: skip
 
@@ -1486,43 +1487,57 @@ def save_checkpoint(run, step):
     """checkpoint-NNNNNN/: a plain HF dir in bf16 (transformers, eval.py and vLLM load it) with the
     tokenizer and, in the newest checkpoint only, trainer_state.pt: optimizer state and fp32 master
     weights for an exact --resume with any number of processes. Written to a temp dir and renamed,
-    Ctrl-C held off until the rename is done."""
+    with Ctrl-C held off until the rename is done: a checkpoint is whole and is the step it names."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions as Options
     from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
         get_model_state_dict,
         get_optimizer_state_dict,
     )
 
-    o = StateDictOptions(
-        full_state_dict=True, cpu_offload=True
-    )  # gathers FSDP2 shards (a collective)
-    model_sd, opt_sd = (
-        get_model_state_dict(run.policy, options=o),
-        get_optimizer_state_dict(run.policy, run.opt, options=o),
-    )
+    o = Options(full_state_dict=True, cpu_offload=True)  # gathers FSDP2 shards: a collective
+    model_sd = get_model_state_dict(run.policy, options=o)
+    opt_sd = get_optimizer_state_dict(run.policy, run.opt, options=o)
     if run.rank == 0:
         final, tmp = (os.path.join(run.out_dir, f"{p}checkpoint-{step:06d}") for p in ("", ".tmp-"))
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            write_checkpoint(tmp, run, model_sd, opt_sd, step)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-        except (OSError, RuntimeError) as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            why = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
-            die(
-                f"cannot write checkpoint {final} ({why}); the last whole one: "
-                f"{latest_checkpoint(run.out_dir)}"
-            )
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        for d in os.listdir(run.out_dir):
-            p = os.path.join(run.out_dir, d, "trainer_state.pt")
-            if d.startswith("checkpoint-") and d != os.path.basename(final) and os.path.exists(p):
-                os.remove(p)
+        with ctrl_c_deferred():
+            try:
+                write_checkpoint(tmp, run, model_sd, opt_sd, step)
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+            except (OSError, RuntimeError) as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                why = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
+                last = latest_checkpoint(run.out_dir)
+                die(f"cannot write checkpoint {final} ({why}); the last whole one: {last}")
+            for d in os.listdir(run.out_dir):  # optimizer state: the newest checkpoint's only
+                p = os.path.join(run.out_dir, d, "trainer_state.pt")
+                if (
+                    d.startswith("checkpoint-")
+                    and d != os.path.basename(final)
+                    and os.path.exists(p)
+                ):
+                    os.remove(p)
+            run.saved = step
     run.saved = step
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def ctrl_c_deferred():
+    """SIGINT is recorded, not acted on, inside the block; on leaving it is delivered to the handler
+    that was there (KeyboardInterrupt, or the trainer's "finish this step")."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    old = signal.signal(signal.SIGINT, lambda *a: got.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if got and callable(old):
+            old(*got[0])
 
 
 def write_checkpoint(path, run, model_sd, opt_sd, step):

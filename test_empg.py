@@ -720,3 +720,187 @@ def test_cli_evaluates_during_the_run_and_resumes_the_eval_log(model_dir, toy_js
                      "--max-new-tokens", "6", "--batch-size", "6", "--dtype", "fp32",
                      "--output-dir", str(tmp_path / "e")])
     assert next(iter(s.values()))["accuracy"] == pytest.approx(ev[-1]["test_score"])
+
+
+# ---------------------------------------------------------------- the main command's path (issue: the GPU run)
+def test_a_1b_model_on_a_cpu_needs_an_explicit_device_cpu(tmp_path, toy_jsonl, capsys):
+    from transformers import Qwen2Config
+    d = str(tmp_path / "qwen1.5b")  # Qwen2.5-1.5B's shape, config only: counted on the meta device, never built
+    Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True).save_pretrained(d)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    err = bad(["--model", d, "--dataset", toy_jsonl, "--output-dir", str(tmp_path / "o")], capsys)
+    assert "no CUDA GPU: a 1.5B model on a CPU would take days; pass --device cpu to insist" in err
+
+
+def test_frozen_copy_is_the_policy_in_bf16_without_a_full_fp32_copy():
+    policy = tiny_model(std=0.3)
+    twin = empg.frozen_copy(policy, torch.bfloat16)
+    assert twin.dtype == torch.bfloat16 and not any(p.requires_grad for p in twin.parameters())
+    for (k, p), (k2, q) in zip(policy.named_parameters(), twin.named_parameters()):
+        assert k == k2 and torch.equal(p.to(torch.bfloat16), q)
+    assert twin.lm_head.weight is twin.model.embed_tokens.weight  # still tied
+    with torch.no_grad():  # and it is θ*: the same policy, rounded
+        policy.model.norm.weight.add_(1.0)
+        empg.sync_theta_star(twin, policy)
+    assert torch.equal(twin.model.norm.weight, policy.model.norm.weight.to(torch.bfloat16))
+
+
+# ---------------------------------------------------------------- nothing lost, nothing silent (issue: careful user)
+def weights(d):
+    from transformers import AutoModelForCausalLM
+    return torch.load(os.path.join(d, "trainer_state.pt"), weights_only=False)["master"] if os.path.exists(
+        os.path.join(d, "trainer_state.pt")) else AutoModelForCausalLM.from_pretrained(d).state_dict()
+
+
+def test_a_run_dir_holds_one_run(model_dir, toy_jsonl, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    empg.train(empg.parse_args(train_argv(model_dir, out, toy_jsonl, "--steps", "2")))
+    rows, _ = read_jsonl(os.path.join(out, "metrics.jsonl")), capsys.readouterr()
+    err = bad(train_argv(model_dir, out, toy_jsonl, "--steps", "2"), capsys)  # a fresh run into it: refused
+    assert "already holds a run: --resume continues it, --overwrite replaces it" in err
+    assert read_jsonl(os.path.join(out, "metrics.jsonl")) == rows and os.path.exists(
+        os.path.join(out, "checkpoint-000002", "trainer_state.pt"))  # nothing was touched
+    for flag, value in [("--lr", "1e-2"), ("--seed", "1"), ("--num-samples", "2"), ("--algo", "grpo"),
+                        ("--model", str(tmp_path)), ("--dataset", os.path.join(DATA, "gsm8k", "test.jsonl"))]:
+        argv = train_argv(model_dir, out, toy_jsonl, "--steps", "3", "--resume")
+        argv = [value if i and argv[i - 1] == flag else x for i, x in enumerate(argv)]
+        argv += [] if flag in argv else [flag, value]
+        assert f"--resume: {flag} is" in bad(argv, capsys)  # names the flag, changes nothing
+    assert json.load(open(os.path.join(out, "args.json")))["lr"] == 1e-3
+    # the flags RESUMABLE lists may change: --steps continues the run
+    empg.train(empg.parse_args(train_argv(model_dir, out, toy_jsonl, "--steps", "3", "--resume")))
+    assert [m["step"] for m in read_jsonl(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3]
+    empg.train(empg.parse_args(train_argv(model_dir, out, toy_jsonl, "--steps", "1", "--overwrite")))
+    assert [m["step"] for m in read_jsonl(os.path.join(out, "metrics.jsonl"))] == [1]
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-000001"]
+
+
+def test_a_second_trainer_on_the_same_dir_is_refused(model_dir, toy_jsonl, tmp_path):
+    out = str(tmp_path / "o")
+    first = subprocess.Popen([sys.executable, os.path.join(HERE, "empg.py"),
+                              *train_argv(model_dir, out, toy_jsonl, "--steps", "400", "--save-every", "1000")],
+                             stderr=subprocess.PIPE, text=True, cwd=HERE)
+    try:
+        for _ in range(600):  # until the first one has its lock and has started stepping
+            if os.path.exists(os.path.join(out, "metrics.jsonl")):
+                break
+            time.sleep(0.1)
+        r = run_cli(*train_argv(model_dir, out, toy_jsonl, "--steps", "2", "--resume"))
+        assert r.returncode == 2 and r.stderr.strip().endswith(f"(it holds {out}/.lock)"), r.stderr
+        assert "another trainer is running" in r.stderr
+    finally:
+        first.kill()
+        first.wait()
+    # once it is gone, its lock is too (a checkpoint is needed to resume: start afresh instead)
+    r = run_cli(*train_argv(model_dir, out, toy_jsonl, "--steps", "1", "--overwrite"))
+    assert r.returncode == 0, r.stderr
+
+
+def test_ctrl_c_finishes_the_step_saves_it_and_resume_is_exact(model_dir, toy_jsonl, tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    argv = lambda out, *x: train_argv(model_dir, out, toy_jsonl, "--steps", "6", "--save-every", "100", *x)
+    assert run_cli(*argv(full)).returncode == 0
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "empg.py"), *argv(part)], stderr=subprocess.PIPE,
+                         text=True, cwd=HERE)
+    for _ in range(600):
+        if os.path.exists(os.path.join(part, "metrics.jsonl")) and read_jsonl(os.path.join(part, "metrics.jsonl")):
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 130, err
+    saved = int(err.split("step ")[-1].split(" is saved")[0])  # "interrupted; step N is saved in ..."
+    assert 1 <= saved < 6 and os.listdir(part).count(f"checkpoint-{saved:06d}") == 1
+    assert [m["step"] for m in read_jsonl(os.path.join(part, "metrics.jsonl"))] == list(range(1, saved + 1))
+    r = run_cli(*argv(part, "--resume"))
+    assert r.returncode == 0, r.stderr
+    a, b = weights(os.path.join(full, "checkpoint-000006")), weights(os.path.join(part, "checkpoint-000006"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_save_interrupted_by_ctrl_c_is_whole_and_names_its_step(model_dir, toy_jsonl, tmp_path, monkeypatch):
+    out = str(tmp_path / "o")
+    run = empg.build(empg.parse_args(train_argv(model_dir, out, toy_jsonl, "--steps", "2")))
+    real = empg.write_checkpoint
+
+    def interrupted(path, *a):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C (Python's default: KeyboardInterrupt) in the middle of a save
+        time.sleep(0.2)
+        real(path, *a)
+    monkeypatch.setattr(empg, "write_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # held off until the checkpoint is renamed into place
+        empg.save_checkpoint(run, 1)
+    assert sorted(os.listdir(out)) == [".lock", "args.json", "checkpoint-000001"]  # no .tmp-checkpoint left
+    w = weights(os.path.join(out, "checkpoint-000001"))
+    assert all(torch.equal(w[k], v) for k, v in run.policy.state_dict().items())
+    # a full disk: one line, the temp dir removed, the earlier checkpoint intact
+    def full_disk(path, *a):
+        os.makedirs(path)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(empg, "write_checkpoint", full_disk)
+    with pytest.raises(SystemExit):
+        empg.save_checkpoint(run, 2)
+    assert sorted(os.listdir(out)) == [".lock", "args.json", "checkpoint-000001"]
+
+
+def test_torn_log_lines_are_dropped_on_resume(model_dir, toy_jsonl, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    empg.train(empg.parse_args(train_argv(model_dir, out, toy_jsonl, "--steps", "2")))
+    capsys.readouterr()
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 3, "reward_me')  # a full disk (or a kill) mid-row
+    empg.train(empg.parse_args(train_argv(model_dir, out, toy_jsonl, "--steps", "3", "--resume")))
+    assert "dropped 1 torn line(s)" in capsys.readouterr().err
+    assert [m["step"] for m in read_jsonl(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3]
+
+
+def test_every_bad_number_and_input_is_one_line(model_dir, toy_jsonl, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    for flags, says in [(["--lr", "inf"], "--lr must be a finite number"), (["--lr", "1e30"], "--lr"),
+                        (["--weight-decay", "inf"], "finite"), (["--weight-decay", "nan"], "finite"),
+                        (["--weight-decay", "-1"], "--weight-decay"), (["--beta", "inf"], "--beta"),
+                        (["--entropy-coef", "-1"], "--entropy-coef must be >= 0"), (["--seed", "1e23"], "--seed"),
+                        (["--seed", str(2**40)], "--seed"), (["--device", "tpu"], "--device"),
+                        (["--prompt-template", "no placeholder"], "{question}"), (["--temperature", "nan"], "finite")]:
+        with pytest.raises(SystemExit) as e:
+            empg.parse_args(train_argv(model_dir, out, toy_jsonl, *flags))
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and says in err, (flags, err)
+    def data(name, *rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(tmp_path / name)
+    ok = {"question": "1", "answer": "1"}
+    assert "e.jsonl:2: needs a non-empty 'question'" in bad(train_argv(model_dir, out, data(
+        "e.jsonl", ok, {"question": "", "answer": "1"})), capsys)
+    for answer in (None, float("nan"), [4, 5], True, " "):
+        assert "a.jsonl:3: 'answer' must be a non-empty string or a number" in bad(train_argv(
+            model_dir, out, data("a.jsonl", ok, ok, {"question": "2", "answer": answer})), capsys)
+    assert "exceeds the model's context (512)" in bad(train_argv(model_dir, out, data(
+        "long.jsonl", ok, {"question": "x" * 600, "answer": "1"})), capsys)
+    small = str(tmp_path / "small")  # a model whose vocabulary is smaller than its tokenizer's
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(small)
+    char_tokenizer().save_pretrained(small)
+    assert "beyond the model's vocabulary (50): wrong --tokenizer?" in bad(
+        train_argv(small, out, data("t.jsonl", {"question": "~~~", "answer": "1"})), capsys)
+    assert "cannot load tokenizer" in bad(train_argv(model_dir, out, toy_jsonl, "--tokenizer",
+                                                     str(tmp_path / "no-such-tokenizer")), capsys)
+    (tmp_path / "file").write_text("x")
+    assert "is a file, not a directory" in bad(train_argv(model_dir, str(tmp_path / "file"), toy_jsonl), capsys)
+    assert "cannot write to --output-dir" in bad(train_argv(model_dir, str(tmp_path / "file" / "o"), toy_jsonl),
+                                                 capsys)
+    nan = str(tmp_path / "nan")  # NaN weights: every step is skipped, so the run stops instead of "finishing"
+    m = tiny_model(std=0.3)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.fill_(float("nan"))
+    m.save_pretrained(nan)
+    char_tokenizer().save_pretrained(nan)
+    with pytest.raises(SystemExit) as e:  # (after the progress bar: the last line)
+        empg.train(empg.parse_args(train_argv(nan, str(tmp_path / "n"), toy_jsonl, "--steps", "10")))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err.startswith("empg: error: 3 steps in a row had a non-finite loss")
+    assert "stopped at step 3" in err

@@ -1,5 +1,5 @@
 """Tests for eval.py: estimators against hand computation and brute force, graders on crafted strings, CLI runs."""
-import itertools, json, os
+import itertools, json, math, os, time
 
 import pytest
 
@@ -107,3 +107,74 @@ def test_bad_inputs(tmp_path, capsys):
     assert "needs 'completion'" in bad(["--grade", str(tmp_path / "g.jsonl"), *out], capsys)
     (tmp_path / "h.jsonl").write_text('{"completion": "1", "answer": 1}\nnot json\n')
     assert "h.jsonl:2" in bad(["--grade", str(tmp_path / "h.jsonl"), *out], capsys)
+
+
+def test_maj_at_k_votes_by_the_rule_accuracy_uses():
+    # GSM8K: strict '#### n' answers. The boxed answers are right by the lenient rule only, so neither
+    # pass@3 nor maj@3 credits them (before: pass@3 0.000 next to maj@3 1.000)
+    r = ev.score_problem("q", "#### 18", ["\\boxed{18}", "\\boxed{18}", "#### 17"], "gsm8k")
+    assert r["pass_at_k"] == 0 and r["maj_correct"] is False and r["maj_answer"] == "17"
+    r = ev.score_problem("q", "#### 1,234", ["#### 1,234", "#### 1234", "#### 5"], "gsm8k")
+    assert r["pass_at_k"] == 1 and r["maj_correct"] is True and r["maj_answer"] == "1234"
+
+
+def test_maj_at_k_parses_each_answer_once_and_keeps_to_its_budget(monkeypatch):
+    import math_verify
+    calls = []
+    real = math_verify.parse
+    monkeypatch.setattr(math_verify, "parse", lambda *a, **k: calls.append(a) or real(*a, **k))
+    ev.empg._parse.cache_clear()
+    answers = [f"\\frac{{{i}}}{{{i + 7}}}" for i in range(8)]  # 8 different answers: 28 comparisons
+    assert ev.majority_vote(answers) == answers[0]
+    assert len(calls) == 8  # one parse per distinct answer, not two per comparison
+    slow = lambda a, b: time.sleep(0.05) or False
+    t = time.time()
+    assert ev.majority_vote(answers * 3, same=slow, budget_s=0.2) == answers[0]  # exact strings still group
+    assert time.time() - t < 2  # 28+ slow comparisons would take > 1.4 s; the budget stops them
+
+
+def test_labels_tell_same_named_checkpoints_apart(tmp_path):
+    a, b = "runs/m-gsm8k-empg/checkpoint-000225", "runs/m-gsm8k-grpo/checkpoint-000225"
+    assert ev.labels([a, b, "Qwen/Qwen2.5-1.5B"]) == {a: "m-gsm8k-empg/checkpoint-000225",
+                                                      b: "m-gsm8k-grpo/checkpoint-000225",
+                                                      "Qwen/Qwen2.5-1.5B": "Qwen/Qwen2.5-1.5B"}
+    assert ev.labels([a]) == {a: "checkpoint-000225"}
+
+
+def test_cli_compares_checkpoints_with_the_same_name(tmp_path):
+    a, b = str(tmp_path / "run-a" / "checkpoint-000002"), str(tmp_path / "run-b" / "checkpoint-000002")
+    tiny_model(a, std=0.3), tiny_model(b, std=0.3, seed=1)
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{d}+1", "answer": str(d + 1)}) + "\n" for d in range(3)))
+    out = str(tmp_path / "o")
+    r = run_cli("--model", a, "--model", b, "--dataset", str(data), "--max-new-tokens", "3", "--output-dir", out,
+                script="eval.py")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(out)) == ["run-a", "run-b", "summary.json"]
+    assert os.path.exists(os.path.join(out, "run-a", "checkpoint-000002", "results.jsonl"))
+    head = r.stdout.splitlines()[0]
+    assert "run-a/checkpoint-000002" in head and "run-b/checkpoint-000002" in head  # whole, distinct labels
+    assert "lenient_accuracy" in r.stdout and "self_verification_rate" in r.stdout  # whole metric names
+    s = json.loads(r.stdout.strip().splitlines()[-1])[a]
+    assert s["model"] == a and s["dataset"] == str(data) and s["problems"] == 3 and s["samples_per_problem"] == 1
+    assert s["temperature"] == 0 and s["max_new_tokens"] == 3
+    p = s["accuracy"]
+    assert s["accuracy_se"] == pytest.approx(math.sqrt(p * (1 - p) * 3 / 2 / 3) if 0 < p < 1 else 0)
+
+
+def test_standard_error_by_hand():
+    m, se = ev.mean_and_se([1.0] * 941 + [0.0] * 324)  # 941/1265 = 0.744, the paper's GSM8K score
+    assert m == pytest.approx(0.7439, abs=1e-4) and se == pytest.approx(0.0123, abs=1e-4)  # ±1.2 points
+
+
+def test_output_dir_is_checked_before_any_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    err = bad(["--model", str(tmp_path / "no-model"), "--output-dir", str(tmp_path / "file" / "o")], capsys)
+    assert err.startswith("eval: error: cannot write to --output-dir")  # not "cannot load model": no work done
+    assert "temperature" in bad(["--model", "m", "--temperature", "nan", "--output-dir", str(tmp_path)], capsys)
+    assert bad(["--model", "m", "--bogus"], capsys).startswith("eval: error: unrecognized arguments")
+
+
+def test_help_shows_defaults():
+    r = run_cli("--help", script="eval.py")
+    assert r.returncode == 0 and "(default: 1024)" in r.stdout and "(default: gsm8k)" in r.stdout
