@@ -1598,6 +1598,7 @@ def benchmark(args):
         body -= 0 if emb is head else emb.numel()  # the embedding is a lookup, not a matmul
         flops = 8 * (body * m_tokens + head.numel() * tokens * args.updates_per_batch)
         res["mfu"] = flops / res["mstep_s"] / 989e12  # H100 SXM dense bf16 peak
+    res["greedy_equal"] = greedy_agreement(run, prompts[:32], min(T, 300))
     # --steps E-steps and M-steps of this shape (rows decoded to the cap: an upper bound)
     res["projected_run_h"] = (args.steps or 225) * (res["ours_s"] + res["mstep_s"]) / 3600
     compiled = " (compiled)" if getattr(run.decoder, "compiled", False) else ""
@@ -1608,6 +1609,22 @@ def benchmark(args):
                micro_batch_tokens=args.micro_batch_tokens)  # fmt: skip
     print(json.dumps(res))
     return res
+
+
+def greedy_agreement(run, prompts, T):
+    """Greedy decoding, token for token, up to each row's first EOS: the fraction of rows on which our
+    decoder (compiled or not) equals model.generate() and the eager static step. 300 tokens cross a
+    BLOCK boundary."""
+    m, eos = run.theta_star, run.theta_star.config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+    ours = sample(m, prompts, 1, T, eos, 0, 0, None, run.decoder)
+    eager = sample(m, prompts, 1, T, eos, 0, 0, None, StaticDecoder(m))
+    ids, mask = left_pad(prompts, 0, m.device)
+    ref = m.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=T, pad_token_id=0)
+    cut = lambda r: r[: next((k + 1 for k, x in enumerate(r) if x in eos), len(r))]
+    ref = [cut(r) for r in ref[:, ids.shape[1] :].tolist()]
+    same = lambda xs: sum(a == b for a, b in zip(ours, xs)) / len(ours)
+    return dict(generate=same(ref), static=same(eager), rows=len(ours), tokens=T)
 
 
 def timed(fn, res, key, peak_key=None):
@@ -1625,7 +1642,7 @@ def timed(fn, res, key, peak_key=None):
     return out
 
 
-def generate_like_sample(model, prompts, n, T, temperature):
+def generate_like_sample(model, prompts, n, T, temperature=1.0):
     """model.generate() on the same prompts and lengths as sample(): the obvious alternative."""
     ids, mask = left_pad(prompts, 0, model.device)
     kw = dict(top_k=0, top_p=1.0, max_new_tokens=T, min_new_tokens=T, pad_token_id=0)

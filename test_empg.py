@@ -636,6 +636,7 @@ def test_benchmark_prints_its_json_line(model_dir):
     for k in ("ours_tok_s", "generate_tok_s", "mstep_tok_s"):
         assert res[k] > 0
     assert res["speedup"] == pytest.approx(res["generate_s"] / res["ours_s"])
+    assert res["greedy_equal"] == dict(generate=1.0, static=1.0, rows=2, tokens=8)
 
 
 # ---------------------------------------------------------------- the paper's protocol (issue: reproduce the paper)
