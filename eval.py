@@ -16,8 +16,6 @@ import torch
 import empg
 from empg import die, grade
 
-empg.PROG = "eval"
-
 # Behaviour markers: a LEXICAL PROXY for the paper's emergent behaviours (§5), counts of phrases,
 # not a judgment of whether the model really verified or backtracked. Matched case-insensitively.
 MARKERS = {
@@ -295,7 +293,14 @@ def write_json(path, obj, lines=False):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    prog, empg.PROG = empg.PROG, "eval"  # errors from empg's loaders name this program
+    try:
+        return evaluate_all(parse_args(argv))
+    finally:
+        empg.PROG = prog
+
+
+def evaluate_all(args):
     name = os.path.basename(args.grade or args.dataset).replace(".jsonl", "")
     out_dir = writable_dir(args.output_dir or os.path.join("eval_runs", name))
     per_model, settings = {}, {}
