@@ -1,14 +1,14 @@
 """EM Policy Gradient (EMPG): train an LLM to reason, in one file.
 
 Tianbing Xu, "Training Large Language Models to Reason via EM Policy Gradient" (arXiv 2504.18587).
-Algorithm 1, line by line, and the Part I function that computes it:
+Algorithm 1, line by line, and the function that computes it (in Part I, unless marked II):
   for each step:                                            train()
-    θ* ← θ  (freeze the weights that sample)                  sync_theta_star()
+    θ* ← θ  (freeze the weights that sample)                  sync_theta_star() II
     E-step: N completions τ ~ Pθ*(τ | x) per prompt, T = 1    sample(), next_token()
     R(τ) ∈ {0, 1}: is the final answer right?                gsm8k_reward(), math_reward()
     R̃ = sigmoid((R − μ)/σ),  A = 2(R̃ − ½)                    sigmoid_normalize(), advantages()
     M-step: ascend E_τ~θ*[A(τ) ∇ log Pθ(τ)]  (Eq. 12)        completion_logprobs(), empg_loss(), m_step()
-  every K steps: the greedy test score                      evaluate()
+  every K steps: the greedy test score                      evaluate() II
 `--algo grpo` is the paper's comparator: the grpo branch of advantages(), and grpo_loss().
 
     python empg.py --model Qwen/Qwen2.5-1.5B                       # GSM8K, the author's job
@@ -43,7 +43,8 @@ NORMS = "token batch group none"  # none: R̃ = R
 class Args:
     # algorithm
     algo: str = arg("empg", "empg (Eq. 12), or grpo (the paper's comparator)", "empg grpo")
-    reward_norm: str = arg("token", "R̃'s μ, σ over response tokens, responses, a prompt's N", NORMS)
+    reward_norm: str = arg("token", "R̃'s μ, σ over: response tokens (author's code), responses "
+                           "(paper's text), each prompt's N", NORMS)  # fmt: skip
     baseline: str = arg("half", "b in A = 2(R̃ − b): ½ (author's 2σ(z) − 1) or mean R̃", "half mean")
     beta: float = arg(0.0, "β · KL(πθ‖π_init), k3 clamped to ±10 (author's 1.5B GSM8K job: 0.001)")
     entropy_coef: float = arg(0.0, "entropy bonus (author's 1.5B GSM8K job: 0.001)")
@@ -55,11 +56,15 @@ class Args:
     dataset: str = arg("gsm8k", "gsm8k, math-hard, or a .jsonl of {question, answer} rows")
     data_dir: str = arg("", "local folder laid out like ../shared/data (default: the hub)")
     prompt_template: str = arg("", "prompt with a {question} placeholder (default: the dataset's)")
-    max_prompt_chars: int = arg(None, "drop longer prompts, train and test (gsm8k 512, math 1024)")
+    max_prompt_chars: int = arg(None, "drop longer prompts, train and test (author's jobs: gsm8k "
+                                "512, math-hard 1024; ours: 0 = none)")  # fmt: skip
     steps: int = arg(None, "optimizer steps (default: one epoch, drop-last; GSM8K: 225)")
     prompts_per_step: int = arg(32, "prompts per E-step (the author's jobs: 32)")
-    num_samples: int = arg(None, "N completions per prompt (gsm8k 2, math-hard 8)")
-    max_new_tokens: int = arg(None, "completion cap (gsm8k 1024, math-hard 3072)")
+    num_samples: int = arg(
+        None, "N completions per prompt (author's jobs: gsm8k 2, math-hard 8; ours: 8)"
+    )
+    max_new_tokens: int = arg(None, "completion cap (gsm8k 1024: author's job; math-hard 3072: "
+                              "paper's text; ours: 1024)")  # fmt: skip
     temperature: float = arg(1.0, "sampling temperature; pure sampling, no top-k/top-p")
     # M-step: AdamW, constant lr, no warmup (the author's jobs)
     lr: float = arg(1e-6, "learning rate")

@@ -1,8 +1,11 @@
 """Tests for empg.py: every number is checked against a hand computation or a second implementation.
 Run: python -m pytest -q test_empg.py   (CPU, tiny random Qwen2 models; ../shared/data if present, else fixtures/)"""
+
 import json, math, os, shutil, signal, string, subprocess, sys, time
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only oversubscribe a small box,
+os.environ.setdefault(
+    "OMP_NUM_THREADS", "1"
+)  # tiny models: threads only oversubscribe a small box,
 import pytest  # noqa: E402  (and the CLI subprocesses inherit the setting)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -21,20 +24,43 @@ def char_tokenizer(chars=string.printable[:95] + "\n"):
     """Word-level tokenizer, one token per character; pad == eos == <|endoftext|> as in Qwen2.5 base."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    vocab = {"<|endoftext|>": 0, "<|im_end|>": 1, "[UNK]": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+
+    vocab = {
+        "<|endoftext|>": 0,
+        "<|im_end|>": 1,
+        "[UNK]": 2,
+        **{c: i + 3 for i, c in enumerate(chars)},
+    }
     t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     t.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
     t.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   unk_token="[UNK]", additional_special_tokens=["<|im_end|>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=t,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="[UNK]",
+        additional_special_tokens=["<|im_end|>"],
+    )
 
 
 def tiny_model(path=None, tok=None, std=0.02, hidden=64, layers=2, seed=0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
     tok = tok or char_tokenizer()
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, initializer_range=std,
-                      eos_token_id=0, pad_token_id=0, bos_token_id=0, max_position_embeddings=512)
+    cfg = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        initializer_range=std,
+        eos_token_id=0,
+        pad_token_id=0,
+        bos_token_id=0,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(cfg).eval()
     if path:
@@ -51,8 +77,13 @@ def model_dir(tmp_path_factory):
 
 
 def run_cli(*argv, script="empg.py"):
-    return subprocess.run([sys.executable, os.path.join(HERE, script), *argv], capture_output=True, text=True,
-                          cwd=HERE, timeout=600)
+    return subprocess.run(
+        [sys.executable, os.path.join(HERE, script), *argv],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        timeout=600,
+    )
 
 
 def read_jsonl(p):
@@ -62,31 +93,35 @@ def read_jsonl(p):
 # ---------------------------------------------------------------- reward smoothing and advantages
 def test_sigmoid_normalize_batch_by_hand():
     # R = [1,0,0,0]: μ = 1/4, unbiased σ² = (9/16 + 3/16)/3 = 1/4, σ = 1/2 → z = [1.5, -0.5, -0.5, -0.5]
-    got = empg.sigmoid_normalize(torch.tensor([1., 0, 0, 0]))
+    got = empg.sigmoid_normalize(torch.tensor([1.0, 0, 0, 0]))
     s = lambda z: 1 / (1 + math.exp(-z))
-    assert torch.allclose(got, torch.tensor([s(1.5), s(-.5), s(-.5), s(-.5)]), atol=1e-6)
+    assert torch.allclose(got, torch.tensor([s(1.5), s(-0.5), s(-0.5), s(-0.5)]), atol=1e-6)
 
 
 def test_sigmoid_normalize_group_none_and_all_equal():
-    r = torch.tensor([1., 0, 1, 1])
-    got = empg.sigmoid_normalize(r, "group", 2)  # group 1: μ=.5, σ=√.5 → z=±1/√2; group 2 all equal → z=0
+    r = torch.tensor([1.0, 0, 1, 1])
+    got = empg.sigmoid_normalize(
+        r, "group", 2
+    )  # group 1: μ=.5, σ=√.5 → z=±1/√2; group 2 all equal → z=0
     s = 1 / (1 + math.exp(-1 / math.sqrt(2)))
-    assert torch.allclose(got, torch.tensor([s, 1 - s, .5, .5]), atol=1e-6)
+    assert torch.allclose(got, torch.tensor([s, 1 - s, 0.5, 0.5]), atol=1e-6)
     assert torch.equal(empg.sigmoid_normalize(r, "none"), r)
     for same in (torch.ones(8), torch.zeros(8), torch.ones(1)):
         out = empg.sigmoid_normalize(same)
-        assert torch.isfinite(out).all() and torch.allclose(out, torch.full_like(same, .5))
+        assert torch.isfinite(out).all() and torch.allclose(out, torch.full_like(same, 0.5))
 
 
 def test_advantages_by_hand():
-    r = torch.tensor([1., 0, 0, 0])
+    r = torch.tensor([1.0, 0, 0, 0])
     rt = empg.sigmoid_normalize(r)
     assert torch.allclose(empg.advantages(r, 4), 2 * rt - 1)  # author's 2·sigmoid(z) − 1
     assert torch.allclose(empg.advantages(r, 4, baseline="mean"), 2 * (rt - rt.mean()))
-    assert torch.allclose(empg.advantages(r, 4, reward_norm="none"), torch.tensor([1., -1, -1, -1]))
+    assert torch.allclose(
+        empg.advantages(r, 4, reward_norm="none"), torch.tensor([1.0, -1, -1, -1])
+    )
     # GRPO, groups of 2: [1,0] → ±(.5/(√.5+1e-6)); [1,1] → 0
-    g = empg.advantages(torch.tensor([1., 0, 1, 1]), 2, algo="grpo")
-    a = .5 / (math.sqrt(.5) + 1e-6)
+    g = empg.advantages(torch.tensor([1.0, 0, 1, 1]), 2, algo="grpo")
+    a = 0.5 / (math.sqrt(0.5) + 1e-6)
     assert torch.allclose(g, torch.tensor([a, -a, 0, 0]), atol=1e-6)
 
 
@@ -94,7 +129,7 @@ def test_advantages_by_hand():
 def test_empg_loss_matches_per_token_loop():
     torch.manual_seed(0)
     logp, adv = torch.randn(3, 5), torch.randn(3)
-    mask = torch.tensor([[1., 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    mask = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
     want = 0.0
     for i in range(3):  # −(1/B) Σ_i (1/|τ_i|) Σ_t A_i log p_it
         toks = [adv[i] * logp[i, t] for t in range(5) if mask[i, t] == 1]
@@ -105,20 +140,28 @@ def test_empg_loss_matches_per_token_loop():
 def test_grpo_loss_at_ratio_one_equals_empg_gradient():
     torch.manual_seed(0)
     logp = torch.randn(4, 6, requires_grad=True)
-    mask, adv = (torch.rand(4, 6) > .3).float(), torch.randn(4)
-    g1, = torch.autograd.grad(empg.grpo_loss(logp, logp.detach(), mask, adv), logp)
-    g2, = torch.autograd.grad(empg.empg_loss(logp, mask, adv), logp)
-    assert torch.allclose(empg.grpo_loss(logp, logp.detach(), mask, adv), -adv.mean())  # ρ = 1: value −mean A
+    mask, adv = (torch.rand(4, 6) > 0.3).float(), torch.randn(4)
+    (g1,) = torch.autograd.grad(empg.grpo_loss(logp, logp.detach(), mask, adv), logp)
+    (g2,) = torch.autograd.grad(empg.empg_loss(logp, mask, adv), logp)
+    assert torch.allclose(
+        empg.grpo_loss(logp, logp.detach(), mask, adv), -adv.mean()
+    )  # ρ = 1: value −mean A
     assert torch.allclose(g1, g2)
     # off ratio 1 the clip bites: positive advantage, ratio e^0.5 > 1.2 → clipped, zero gradient
     lp = torch.zeros(1, 1, requires_grad=True)
-    g, = torch.autograd.grad(empg.grpo_loss(lp, torch.full((1, 1), -.5), torch.ones(1, 1), torch.ones(1)), lp)
-    assert g.item() == 0 and empg.grpo_loss(lp, torch.full((1, 1), -.5), torch.ones(1, 1), torch.ones(1)).item() == pytest.approx(-1.2)
+    (g,) = torch.autograd.grad(
+        empg.grpo_loss(lp, torch.full((1, 1), -0.5), torch.ones(1, 1), torch.ones(1)), lp
+    )
+    assert g.item() == 0 and empg.grpo_loss(
+        lp, torch.full((1, 1), -0.5), torch.ones(1, 1), torch.ones(1)
+    ).item() == pytest.approx(-1.2)
 
 
 def test_kl_k3_by_hand():
-    assert torch.allclose(empg.kl_k3(torch.tensor([-1.]), torch.tensor([-2.])), torch.tensor([math.exp(-1) + 1 - 1]))
-    assert empg.kl_k3(torch.tensor([-3.]), torch.tensor([-3.])).item() == 0
+    assert torch.allclose(
+        empg.kl_k3(torch.tensor([-1.0]), torch.tensor([-2.0])), torch.tensor([math.exp(-1) + 1 - 1])
+    )
+    assert empg.kl_k3(torch.tensor([-3.0]), torch.tensor([-3.0])).item() == 0
 
 
 # ---------------------------------------------------------------- completion log-probs
@@ -133,22 +176,32 @@ def naive_logprobs(model, prompt, comp, temperature=1.0):
 def test_completion_logprobs_against_full_forward():
     model = tiny_model(std=0.3)
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
-    comps = [[20, 21, 0], [22, 23, 24, 25, 26, 0], [27, 28]]  # EOS (= pad id 0) ends two; the third is truncated
+    comps = [
+        [20, 21, 0],
+        [22, 23, 24, 25, 26, 0],
+        [27, 28],
+    ]  # EOS (= pad id 0) ends two; the third is truncated
     for T in (1.0, 0.7):
         ids, attn, cmask = empg.collate(prompts, comps, 0, "cpu")
         logp, _ = empg.completion_logprobs(model, ids, attn, cmask, temperature=T, chunk=4)
         for i, (p, c) in enumerate(zip(prompts, comps)):
             want = naive_logprobs(model, p, c, T)
-            assert torch.allclose(logp[i, :len(c)], want, atol=1e-5), (i, T)
-            assert (logp[i, len(c):] == 0).all() and cmask[i].sum() == len(c)  # padding masked, EOS counted once
-        assert cmask[0, 2] == 1 and ids[0, -4].item() == 0  # the EOS token (id == pad id) is trained
+            assert torch.allclose(logp[i, : len(c)], want, atol=1e-5), (i, T)
+            assert (logp[i, len(c) :] == 0).all() and cmask[i].sum() == len(
+                c
+            )  # padding masked, EOS counted once
+        assert (
+            cmask[0, 2] == 1 and ids[0, -4].item() == 0
+        )  # the EOS token (id == pad id) is trained
 
 
 def test_left_vs_right_padding_identical():
     model = tiny_model(std=0.3)
     p, c = [5, 6, 7], [8, 9, 0]
     alone, _ = empg.completion_logprobs(model, *empg.collate([p], [c], 0, "cpu"))
-    batched, _ = empg.completion_logprobs(model, *empg.collate([p, list(range(3, 15))], [c, [1] * 7], 0, "cpu"))
+    batched, _ = empg.completion_logprobs(
+        model, *empg.collate([p, list(range(3, 15))], [c, [1] * 7], 0, "cpu")
+    )
     assert torch.allclose(alone[0], batched[0, :3], atol=1e-5)
     # a right-padded prompt gives the *wrong* answer — the trap this design avoids
     ids = torch.tensor([[5, 6, 7, 0, 0, 8, 9, 0]])
@@ -161,8 +214,11 @@ def test_chunked_gradient_equals_naive_gradient():
     model = tiny_model(std=0.3)
     prompts, comps = [[5, 6, 7], [8, 9]], [[10, 11, 12, 0], [13, 14]]
     adv = torch.tensor([0.7, -0.4])
-    empg.empg_loss(empg.completion_logprobs(model, *empg.collate(prompts, comps, 0, "cpu"), chunk=3)[0],
-                   empg.collate(prompts, comps, 0, "cpu")[2], adv).backward()
+    empg.empg_loss(
+        empg.completion_logprobs(model, *empg.collate(prompts, comps, 0, "cpu"), chunk=3)[0],
+        empg.collate(prompts, comps, 0, "cpu")[2],
+        adv,
+    ).backward()
     g1 = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     loss = -sum(a * naive_logprobs(model, p, c).mean() for a, p, c in zip(adv, prompts, comps)) / 2
@@ -188,14 +244,30 @@ def test_sampler_equals_generate_greedy(mode):
     P = max(map(len, prompts))
     ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
     attn = (ids != 0).long()
-    free = model.generate(ids, attention_mask=attn, max_new_tokens=12, do_sample=False, pad_token_id=0,
-                          eos_token_id=None)[:, P:]
+    free = model.generate(
+        ids,
+        attention_mask=attn,
+        max_new_tokens=12,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )[:, P:]
     eos = free[0, 3].item()  # a token greedy decoding emits mid-row, so EOS really stops rows early
-    ref = model.generate(ids, attention_mask=attn, max_new_tokens=12, do_sample=False, pad_token_id=0,
-                         eos_token_id=eos)[:, P:].tolist()
-    want = [r[:r.index(eos) + 1] if eos in r else r for r in ref]
-    want = [w[:len(w) - next((k for k, x in enumerate(reversed(w)) if x != 0), 0)] if eos not in w else w
-            for w in want]
+    ref = model.generate(
+        ids,
+        attention_mask=attn,
+        max_new_tokens=12,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=eos,
+    )[:, P:].tolist()
+    want = [r[: r.index(eos) + 1] if eos in r else r for r in ref]
+    want = [
+        w[: len(w) - next((k for k, x in enumerate(reversed(w)) if x != 0), 0)]
+        if eos not in w
+        else w
+        for w in want
+    ]
     got = empg.sample(model, prompts, 3, 12, {eos}, 0, temperature=0, decoder=mode)
     assert any(len(w) < 12 for w in want) and len(set(map(tuple, want))) > 1
     assert got == [w for w in want for _ in range(3)]
@@ -203,10 +275,22 @@ def test_sampler_equals_generate_greedy(mode):
 
 def tiny_llama(std=0.5):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                        num_attention_heads=4, num_key_value_heads=2, initializer_range=std,
-                                        eos_token_id=0, pad_token_id=0, bos_token_id=0)).eval()
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=40,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            initializer_range=std,
+            eos_token_id=0,
+            pad_token_id=0,
+            bos_token_id=0,
+        )
+    ).eval()
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
@@ -231,25 +315,39 @@ def test_static_decode_step_matches_model_forward_and_samples_like_hf(arch):
     long = empg.sample(model, prompts[:2], 1, 300, set(), 0, 1.0, g(6), decoder="hf")
     assert long == empg.sample(model, prompts[:2], 1, 300, set(), 0, 1.0, g(6), decoder="static")
     # one decode step's logits equal the full forward's last-position logits, row by row (left padding included)
-    seqs = [p + c for p, c in zip(prompts, empg.sample(model, prompts, 1, 6, set(), 0, 1.0, g(1), decoder="static"))]
+    seqs = [
+        p + c
+        for p, c in zip(
+            prompts, empg.sample(model, prompts, 1, 6, set(), 0, 1.0, g(1), decoder="static")
+        )
+    ]
     for s in seqs:
         want = model(torch.tensor([s])).logits[0, -1]
         dec = empg.StaticDecoder(model)
         dec.allocate(1, len(s) + 1, torch.zeros(1, 2, 1, 16))
         kv, valid = dec.kv, dec.valid.zero_()
         for t, x in enumerate(s):
-            logits = empg.decode_step(model, kv, valid, torch.tensor([x]), torch.tensor([[t]]), torch.tensor([t]), 256)
+            logits = empg.decode_step(
+                model, kv, valid, torch.tensor([x]), torch.tensor([[t]]), torch.tensor([t]), 256
+            )
         assert torch.allclose(logits[0], want, atol=1e-4)
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.skipif(
+    not (shutil.which("g++") or shutil.which("c++")),
+    reason="torch.compile on CPU needs a C++ compiler",
+)
 def test_compiled_decoder_has_a_known_bounded_set_of_graphs_and_equals_static(monkeypatch):
     from torch._dynamo.utils import counters
+
     monkeypatch.setattr(empg, "BLOCK", 8)  # 8-column blocks: a short E-step spans three of them
     model = tiny_model(std=0.5, layers=1)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
     static = lambda ps, n, T: empg.sample(model, ps, n, T, set(), 0, 0, decoder="static")  # noqa: E731
-    dec, graphs = empg.StaticDecoder(model, compiled=True), lambda: counters["stats"]["unique_graphs"]  # noqa: E731
+    dec, graphs = (
+        empg.StaticDecoder(model, compiled=True),
+        lambda: counters["stats"]["unique_graphs"],
+    )  # noqa: E731
     before = graphs()
     # 5 prompt + 16 new tokens: a 24-column cache; the decode steps write columns 5..19, so they read
     # windows of 8, 16 and 24 columns: exactly three graphs
@@ -260,7 +358,9 @@ def test_compiled_decoder_has_a_known_bounded_set_of_graphs_and_equals_static(mo
     assert empg.sample(model, other, 2, 12, set(), 0, 0, decoder=dec) == static(other, 2, 12)
     assert graphs() - before == 3
     # another row count (e.g. eval's last batch) reallocates: its three windows, three graphs more
-    assert empg.sample(model, prompts[:2], 2, 16, set(), 0, 0, decoder=dec) == static(prompts[:2], 2, 16)
+    assert empg.sample(model, prompts[:2], 2, 16, set(), 0, 0, decoder=dec) == static(
+        prompts[:2], 2, 16
+    )
     assert graphs() - before == 6 == dec.graph_bound <= torch._dynamo.config.recompile_limit
     assert dec.compiled  # never fell back to eager
 
@@ -272,7 +372,9 @@ def test_compiled_sampler_falls_back_when_compilation_fails(monkeypatch, capsys)
     def broken(fn, **kw):
         def run(*a, **k):
             raise RuntimeError("no compiler here")
+
         return run
+
     monkeypatch.setattr(torch, "compile", broken)
     assert empg.sample(model, [[5, 6, 7], [8]], 2, 10, {7}, 0, 0, decoder="compiled") == want
     assert "torch.compile failed (RuntimeError)" in capsys.readouterr().err
@@ -298,11 +400,18 @@ def test_sampler_reproducible_and_distribution_correct():
 # ---------------------------------------------------------------- graders
 def test_gsm8k_reward_on_real_rows_and_tricky_strings():
     rows = [json.loads(l) for l in open(os.path.join(DATA, "gsm8k", "test.jsonl"))][:20]
-    for r in rows:  # the reference solution grades itself correct; the same with its number changed, wrong
+    for r in (
+        rows
+    ):  # the reference solution grades itself correct; the same with its number changed, wrong
         ans = r["answer"].split("####")[-1].strip()
         assert empg.gsm8k_reward(r["answer"], ans) == 1.0
         assert empg.gsm8k_reward(r["answer"], r["answer"]) == 1.0
-        assert empg.gsm8k_reward(r["answer"].replace(f"#### {ans}", f"#### {int(ans.replace(',', '')) + 1}"), ans) == 0
+        assert (
+            empg.gsm8k_reward(
+                r["answer"].replace(f"#### {ans}", f"#### {int(ans.replace(',', '')) + 1}"), ans
+            )
+            == 0
+        )
     R = empg.gsm8k_reward
     assert R("so #### 1,234", "1234") == 1 and R("#### -3", "-3") == 1
     assert R("#### 18 and later #### 19", "19") == 0  # the first '####' counts
@@ -315,9 +424,13 @@ def test_math_reward_on_real_rows_and_tricky_strings():
     for r in rows:
         assert empg.math_reward(r["solution"], r["answer"]) == 1.0, r["unique_id"]
     R = empg.math_reward
-    assert R("so \\boxed{\\frac{1}{2}}", "0.5") == 1 and R("\\boxed{\\dfrac12}", "\\frac{1}{2}") == 1
+    assert (
+        R("so \\boxed{\\frac{1}{2}}", "0.5") == 1 and R("\\boxed{\\dfrac12}", "\\frac{1}{2}") == 1
+    )
     assert R("\\boxed{3}", "4") == 0 and R("no answer here", "4") == 0
-    assert R("#### 12", "12") == 1 and R("it is 7 then 12", "12") == 1  # cascade: boxed → #### → last number
+    assert (
+        R("#### 12", "12") == 1 and R("it is 7 then 12", "12") == 1
+    )  # cascade: boxed → #### → last number
     assert R("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}") == 1
 
 
@@ -325,7 +438,9 @@ def test_load_problems_local():
     rows, task = empg.load_problems("gsm8k", "train", DATA)
     assert task == "gsm8k" and rows[0]["answer"] == "72" and "Natalia" in rows[0]["question"]
     hard, task = empg.load_problems("math-hard", "train", DATA)
-    m500 = {json.loads(l)["problem"] for l in open(os.path.join(DATA, "math", "math500_test.jsonl"))}
+    m500 = {
+        json.loads(l)["problem"] for l in open(os.path.join(DATA, "math", "math500_test.jsonl"))
+    }
     assert task == "math" and hard and not any(r["question"] in m500 for r in hard)
     if DATA == SHARED:
         assert len(hard) == 8888  # MATH train+test, levels 3-5, minus MATH-500
@@ -336,8 +451,14 @@ def test_load_problems_local():
 def m_step_once(model, lr, algo="empg", updates=1):
     args = empg.Args(lr=lr, algo=algo, updates_per_batch=updates, micro_batch_size=2)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    return empg.m_step(model, opt, [[5, 6], [7, 8, 9], [5, 6]], [[10, 11, 0], [12], [13, 14]],
-                       torch.tensor([1., -1., .5]), args)
+    return empg.m_step(
+        model,
+        opt,
+        [[5, 6], [7, 8, 9], [5, 6]],
+        [[10, 11, 0], [12], [13, 14]],
+        torch.tensor([1.0, -1.0, 0.5]),
+        args,
+    )
 
 
 def test_fp32_master_weights_move_at_lr_1e6():
@@ -356,12 +477,16 @@ def test_fp32_master_weights_move_at_lr_1e6():
 def test_stochastic_rounding_is_unbiased():
     lo = torch.tensor(1.0, dtype=torch.bfloat16)
     hi = torch.nextafter(lo, torch.tensor(2.0, dtype=torch.bfloat16))  # bf16 spacing at 1 is 2^-7
-    x = torch.full((200_000,), 1.0 + 0.3 * 2 ** -7)
+    x = torch.full((200_000,), 1.0 + 0.3 * 2**-7)
     r = empg.stochastic_round(x, torch.Generator().manual_seed(0))
     assert r.dtype == torch.bfloat16 and set(r.unique().tolist()) == {lo.item(), hi.item()}
-    assert (r == hi).float().mean().item() == pytest.approx(0.3, abs=0.005)  # rounds up w.p. the remainder
+    assert (r == hi).float().mean().item() == pytest.approx(
+        0.3, abs=0.005
+    )  # rounds up w.p. the remainder
     assert empg.stochastic_round(-x).float().mean().item() == pytest.approx(-x[0].item(), abs=1e-4)
-    exact = torch.tensor([0.5, -3.0, 0.0, 1.5e-5]).to(torch.bfloat16).float()  # bf16 values stay put
+    exact = (
+        torch.tensor([0.5, -3.0, 0.0, 1.5e-5]).to(torch.bfloat16).float()
+    )  # bf16 values stay put
     assert torch.equal(empg.stochastic_round(exact).float(), exact)
 
 
@@ -369,35 +494,60 @@ def test_adamw_sr_is_adamw_and_bf16_updates_at_lr_1e6_accumulate():
     torch.manual_seed(0)
     a = torch.randn(100, 3, requires_grad=True)
     b = a.detach().clone().requires_grad_()
-    oa, ob = empg.AdamWSR([a], lr=1e-2, weight_decay=0.1), torch.optim.AdamW([b], lr=1e-2, weight_decay=0.1)
+    oa, ob = (
+        empg.AdamWSR([a], lr=1e-2, weight_decay=0.1),
+        torch.optim.AdamW([b], lr=1e-2, weight_decay=0.1),
+    )
     for _ in range(20):  # on fp32 weights it is torch's AdamW
         a.grad, b.grad = (torch.randn(100, 3),) * 2
         oa.step(), ob.step()
     assert torch.allclose(a, b, atol=1e-6)
     # bf16 weights at 0.5 (spacing 2^-8 ≈ 3.9e-3), 1000 Adam steps of lr = 1e-6 each (grad 1 → update = lr):
     # round-to-nearest never moves; stochastic rounding lands on the fp32 answer 0.5 − 1e-3 on average
-    w, w_rtn = (torch.full((4096,), 0.5, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    w, w_rtn = (
+        torch.full((4096,), 0.5, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)
+    )
     o, o_rtn = empg.AdamWSR([w], lr=1e-6), torch.optim.AdamW([w_rtn], lr=1e-6, weight_decay=0.0)
     for _ in range(1000):
         w.grad, w_rtn.grad = torch.ones_like(w), torch.ones_like(w_rtn)
         o.step(), o_rtn.step()
     assert torch.all(w_rtn == 0.5)
     assert w.dtype == o.state[w]["exp_avg"].dtype == torch.bfloat16
-    assert w.float().mean().item() == pytest.approx(0.5 - 1e-3, abs=1.5e-4)  # 5σ of the rounding noise
+    assert w.float().mean().item() == pytest.approx(
+        0.5 - 1e-3, abs=1.5e-4
+    )  # 5σ of the rounding noise
 
 
 def test_cli_bf16_master_weights_train_save_and_resume_exactly(model_dir, toy_jsonl, tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    argv = lambda out, steps, *x: train_argv(model_dir, out, toy_jsonl, "--steps", steps, "--save-every", "2",
-                                              "--master-dtype", "bf16", "--lr", "1e-5", *x)
+    argv = lambda out, steps, *x: train_argv(
+        model_dir,
+        out,
+        toy_jsonl,
+        "--steps",
+        steps,
+        "--save-every",
+        "2",
+        "--master-dtype",
+        "bf16",
+        "--lr",
+        "1e-5",
+        *x,
+    )
     assert run_cli(*argv(full, "4")).returncode == 0
     assert run_cli(*argv(part, "2")).returncode == 0
     r = run_cli(*argv(part, "4", "--resume"))
     assert r.returncode == 0, r.stderr
     from transformers import AutoModelForCausalLM
+
     init = AutoModelForCausalLM.from_pretrained(model_dir)
-    a, b = (AutoModelForCausalLM.from_pretrained(os.path.join(d, "checkpoint-000004"), dtype="auto") for d in (full, part))
-    assert a.dtype == torch.bfloat16 and all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    a, b = (
+        AutoModelForCausalLM.from_pretrained(os.path.join(d, "checkpoint-000004"), dtype="auto")
+        for d in (full, part)
+    )
+    assert a.dtype == torch.bfloat16 and all(
+        torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())
+    )
     # weights with |w| > 0.1 have a bf16 spacing ≥ 4.9e-4; 4 Adam steps of ~lr = 1e-5 move them by ~4e-5, under half
     # a spacing, so round-to-nearest would leave every one of them where it was. Stochastic rounding moves a share
     # (~ step / spacing) of them by one spacing.
@@ -405,27 +555,46 @@ def test_cli_bf16_master_weights_train_save_and_resume_exactly(model_dir, toy_js
     big = torch.cat([q.abs() > 0.1 for _, q in pairs])
     moved = torch.cat([p != q.to(torch.bfloat16).float() for p, q in pairs])[big]
     assert 0.003 < moved.float().mean().item() < 0.1
-    state = torch.load(os.path.join(part, "checkpoint-000004", "trainer_state.pt"), weights_only=False)["optimizer"]
+    state = torch.load(
+        os.path.join(part, "checkpoint-000004", "trainer_state.pt"), weights_only=False
+    )["optimizer"]
     assert {v["exp_avg"].dtype for v in state["state"].values()} == {torch.bfloat16}
 
 
 def test_micro_batches_by_count_and_by_tokens_give_the_same_step():
-    prompts, comps = [[1] * 3, [1] * 2, [1] * 4, [1] * 2, [1]], [[2] * 5, [2] * 1, [2] * 2, [2] * 3, [2] * 2]
+    prompts, comps = (
+        [[1] * 3, [1] * 2, [1] * 4, [1] * 2, [1]],
+        [[2] * 5, [2] * 1, [2] * 2, [2] * 3, [2] * 2],
+    )
     # totals 8, 3, 6, 5, 3 → longest first: 0, 2, 3, 1, 4
     assert empg.micro_batches(prompts, comps, 2) == [[0, 2], [3, 1], [4]]
     # budget 12: [0, 2] would pad to 2×(4+5) = 18; [2, 3] to 2×(4+3) = 14; [3, 1] is 2×(2+3) = 10; [3, 1, 4] 3×5 = 15
     assert empg.micro_batches(prompts, comps, 2, tokens=12) == [[0], [2], [3, 1], [4]]
     assert empg.micro_batches(prompts, comps, 2, tokens=100) == [[0, 2, 3, 1, 4]]
-    assert empg.micro_batches(prompts, comps, 2, tokens=1) == [[0], [2], [3], [1], [4]]  # one sequence always fits
+    assert empg.micro_batches(prompts, comps, 2, tokens=1) == [
+        [0],
+        [2],
+        [3],
+        [1],
+        [4],
+    ]  # one sequence always fits
     weights = []
     for kw in (dict(micro_batch_size=1), dict(micro_batch_size=5), dict(micro_batch_tokens=12)):
         model = tiny_model(std=0.3)
         args = empg.Args(lr=1.0, **kw)
-        empg.m_step(model, torch.optim.SGD(model.parameters(), lr=1.0), [[p[0] + 4] * len(p) for p in prompts],
-                    [[c[0] + 8 + k for k in range(len(c))] for c in comps], torch.tensor([1., -1., .5, 2., -.3]), args)
+        empg.m_step(
+            model,
+            torch.optim.SGD(model.parameters(), lr=1.0),
+            [[p[0] + 4] * len(p) for p in prompts],
+            [[c[0] + 8 + k for k in range(len(c))] for c in comps],
+            torch.tensor([1.0, -1.0, 0.5, 2.0, -0.3]),
+            args,
+        )
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     init = torch.cat([p.detach().flatten() for p in tiny_model(std=0.3).parameters()])
-    assert (weights[0] - init).abs().max() > 1e-3  # SGD at lr 1: weights − init = −(clipped) gradient
+    assert (
+        weights[0] - init
+    ).abs().max() > 1e-3  # SGD at lr 1: weights − init = −(clipped) gradient
     for w in weights[1:]:
         assert torch.allclose(w, weights[0], atol=1e-6)
 
@@ -440,14 +609,33 @@ def test_grpo_first_update_equals_empg_and_multiple_updates_run():
 
 
 def train_argv(model_dir, out, data, *extra):
-    return ["--model", model_dir, "--dataset", data, "--output-dir", out, "--prompts-per-step", "2",
-            "--num-samples", "3", "--max-new-tokens", "6", "--micro-batch-size", "4", "--lr", "1e-3", *extra]
+    return [
+        "--model",
+        model_dir,
+        "--dataset",
+        data,
+        "--output-dir",
+        out,
+        "--prompts-per-step",
+        "2",
+        "--num-samples",
+        "3",
+        "--max-new-tokens",
+        "6",
+        "--micro-batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
 def toy_jsonl(tmp_path_factory):
     p = tmp_path_factory.mktemp("data") / "toy.jsonl"
-    p.write_text("".join(json.dumps({"question": f"{d}", "answer": f"{d}"}) + "\n" for d in range(10)))
+    p.write_text(
+        "".join(json.dumps({"question": f"{d}", "answer": f"{d}"}) + "\n" for d in range(10))
+    )
     return str(p)
 
 
@@ -456,31 +644,67 @@ def test_cli_writes_metrics_checkpoints_and_resumes_exactly(model_dir, toy_jsonl
     r = run_cli(*train_argv(model_dir, full, toy_jsonl, "--steps", "4", "--save-every", "2"))
     assert r.returncode == 0, r.stderr
     m = read_jsonl(os.path.join(full, "metrics.jsonl"))
-    keys = {"step", "reward_mean", "loss", "response_len_mean", "truncated_frac", "grad_norm", "estep_s", "mstep_s",
-            "estep_tok_s", "lr"}
+    keys = {
+        "step",
+        "reward_mean",
+        "loss",
+        "response_len_mean",
+        "truncated_frac",
+        "grad_norm",
+        "estep_s",
+        "mstep_s",
+        "estep_tok_s",
+        "lr",
+    }
     assert [x["step"] for x in m] == [1, 2, 3, 4] and keys <= set(m[0])
-    assert sorted(os.listdir(full)) == [".lock", "args.json", "checkpoint-000002", "checkpoint-000004",
-                                        "metrics.jsonl", "samples.jsonl", "summary.json"]
+    assert sorted(os.listdir(full)) == [
+        ".lock",
+        "args.json",
+        "checkpoint-000002",
+        "checkpoint-000004",
+        "metrics.jsonl",
+        "samples.jsonl",
+        "summary.json",
+    ]
     assert os.path.exists(os.path.join(full, "checkpoint-000004", "trainer_state.pt"))
     assert not os.path.exists(os.path.join(full, "checkpoint-000002", "trainer_state.pt"))
     from transformers import AutoModelForCausalLM
+
     AutoModelForCausalLM.from_pretrained(os.path.join(full, "checkpoint-000004"))
     # interrupted run: 2 steps, then --resume to 4 → same metrics and weights as the uninterrupted run
-    assert run_cli(*train_argv(model_dir, part, toy_jsonl, "--steps", "2", "--save-every", "2")).returncode == 0
-    r = run_cli(*train_argv(model_dir, part, toy_jsonl, "--steps", "4", "--save-every", "2", "--resume"))
+    assert (
+        run_cli(
+            *train_argv(model_dir, part, toy_jsonl, "--steps", "2", "--save-every", "2")
+        ).returncode
+        == 0
+    )
+    r = run_cli(
+        *train_argv(model_dir, part, toy_jsonl, "--steps", "4", "--save-every", "2", "--resume")
+    )
     assert r.returncode == 0, r.stderr
     m2 = read_jsonl(os.path.join(part, "metrics.jsonl"))
     drop = ("estep_s", "mstep_s", "estep_tok_s", "mstep_tok_s")
-    assert [{k: v for k, v in x.items() if k not in drop} for x in m] == \
-           [{k: v for k, v in x.items() if k not in drop} for x in m2]
+    assert [{k: v for k, v in x.items() if k not in drop} for x in m] == [
+        {k: v for k, v in x.items() if k not in drop} for x in m2
+    ]
     a = AutoModelForCausalLM.from_pretrained(os.path.join(full, "checkpoint-000004"), dtype="auto")
     b = AutoModelForCausalLM.from_pretrained(os.path.join(part, "checkpoint-000004"), dtype="auto")
-    assert a.dtype == torch.bfloat16 and all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert a.dtype == torch.bfloat16 and all(
+        torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())
+    )
     # the fp32 master weights (trainer_state.pt) are bit-identical too, and round to the bf16 files
-    sa, sb = (torch.load(os.path.join(d, "checkpoint-000004", "trainer_state.pt"), weights_only=False)["master"]
-              for d in (full, part))
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) and sa[k].dtype == torch.float32 for k in sa)
-    assert torch.equal(sa["model.norm.weight"].to(torch.bfloat16), dict(a.named_parameters())["model.norm.weight"])
+    sa, sb = (
+        torch.load(os.path.join(d, "checkpoint-000004", "trainer_state.pt"), weights_only=False)[
+            "master"
+        ]
+        for d in (full, part)
+    )
+    assert sa.keys() == sb.keys() and all(
+        torch.equal(sa[k], sb[k]) and sa[k].dtype == torch.float32 for k in sa
+    )
+    assert torch.equal(
+        sa["model.norm.weight"].to(torch.bfloat16), dict(a.named_parameters())["model.norm.weight"]
+    )
 
 
 @pytest.mark.parametrize("algo", ["empg", "grpo"])
@@ -488,9 +712,29 @@ def test_reward_rises_on_toy_copy_task(algo, tmp_path, toy_jsonl):
     """Prompt 'd=' → reward 1 iff the completion's last number is d. A random char model starts near 0."""
     d = str(tmp_path / "m")
     tiny_model(d, std=0.02)
-    args = empg.parse_args(train_argv(d, str(tmp_path / "o"), toy_jsonl, "--steps", "60", "--prompts-per-step", "8",
-                                      "--num-samples", "8", "--max-new-tokens", "2", "--lr", "3e-3",
-                                      "--prompt-template", "{question}=", "--save-every", "100", "--algo", algo))
+    args = empg.parse_args(
+        train_argv(
+            d,
+            str(tmp_path / "o"),
+            toy_jsonl,
+            "--steps",
+            "60",
+            "--prompts-per-step",
+            "8",
+            "--num-samples",
+            "8",
+            "--max-new-tokens",
+            "2",
+            "--lr",
+            "3e-3",
+            "--prompt-template",
+            "{question}=",
+            "--save-every",
+            "100",
+            "--algo",
+            algo,
+        )
+    )
     out = empg.train(args)
     r = [x["reward_mean"] for x in read_jsonl(os.path.join(out, "metrics.jsonl"))]
     first, last = sum(r[:10]) / 10, sum(r[-10:]) / 10  # seen: ~0.02 → ~0.3-0.4
@@ -517,25 +761,40 @@ def test_bad_inputs(model_dir, toy_jsonl, tmp_path, capsys):
     (tmp_path / "noq.jsonl").write_text('{"text": "1", "answer": "1"}\n')
     assert "question" in bad(train_argv(model_dir, out, str(tmp_path / "noq.jsonl")), capsys)
     assert "unknown dataset" in bad(train_argv(model_dir, out, "imagenet"), capsys)
-    assert "num-samples >= 2" in bad(train_argv(model_dir, out, toy_jsonl, "--num-samples", "1",
-                                                "--reward-norm", "group"), capsys)
+    assert "num-samples >= 2" in bad(
+        train_argv(model_dir, out, toy_jsonl, "--num-samples", "1", "--reward-norm", "group"),
+        capsys,
+    )
     assert "no checkpoint" in bad(train_argv(model_dir, out, toy_jsonl, "--resume"), capsys)
     assert "--steps" in bad(train_argv(model_dir, out, toy_jsonl, "--steps", "0"), capsys)
     if not torch.cpu._is_avx512_bf16_supported():
-        assert "bf16" in bad(train_argv(model_dir, out, toy_jsonl, "--dtype", "bf16", "--device", "cpu"), capsys)
-    assert "computes in bf16" in bad(train_argv(model_dir, out, toy_jsonl, "--master-dtype", "bf16", "--dtype", "fp32"),
-                                      capsys)
+        assert "bf16" in bad(
+            train_argv(model_dir, out, toy_jsonl, "--dtype", "bf16", "--device", "cpu"), capsys
+        )
+    assert "computes in bf16" in bad(
+        train_argv(model_dir, out, toy_jsonl, "--master-dtype", "bf16", "--dtype", "fp32"), capsys
+    )
 
 
 def test_bad_model_path_from_the_shell(toy_jsonl, tmp_path):
-    r = run_cli("--model", str(tmp_path / "nope"), "--dataset", toy_jsonl, "--output-dir", str(tmp_path / "o"))
+    r = run_cli(
+        "--model",
+        str(tmp_path / "nope"),
+        "--dataset",
+        toy_jsonl,
+        "--output-dir",
+        str(tmp_path / "o"),
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr and "cannot load model" in r.stderr
 
 
 # ---------------------------------------------------------------- many processes: torchrun + FSDP2 on CPU (gloo)
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-FIXED = dict(prompts=[[5, 6], [7, 8, 9], [5, 6], [10, 11, 12, 13]], comps=[[10, 11, 0], [12], [13, 14], [15, 16, 17, 0]],
-             rewards=[1., 0., 0., 0.])
+FIXED = dict(
+    prompts=[[5, 6], [7, 8, 9], [5, 6], [10, 11, 12, 13]],
+    comps=[[10, 11, 0], [12], [13, 14], [15, 16, 17, 0]],
+    rewards=[1.0, 0.0, 0.0, 0.0],
+)
 SHARDED_STEP = """
 import contextlib, json, sys, torch
 sys.path.insert(0, {here!r})
@@ -564,17 +823,23 @@ def test_torchrun_fsdp2_step_equals_one_process(model_dir, tmp_path, tokens):
     """tokens = 12: --micro-batch-tokens gives rank 0 one micro-batch (2 × (3 + 3) = 12 padded tokens) and
     rank 1 two (2 × (4 + 4) = 16 > 12): unpaired FSDP2 collectives hung here; now both run two."""
     from transformers import AutoModelForCausalLM
+
     kw = dict(lr=1e-3, micro_batch_size=1, micro_batch_tokens=tokens, device="cpu", grad_clip=0.5)
     script, out = tmp_path / "step.py", str(tmp_path / "two.pt")
-    script.write_text(SHARDED_STEP.format(here=HERE, fixed=json.dumps(FIXED), model=model_dir, out=out,
-                                          args=json.dumps(kw)))
+    script.write_text(
+        SHARDED_STEP.format(
+            here=HERE, fixed=json.dumps(FIXED), model=model_dir, out=out, args=json.dumps(kw)
+        )
+    )
     r = subprocess.run([*TORCHRUN, str(script)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     two = torch.load(out, weights_only=False)
     # one process, all four samples
     args = empg.Args(lr=1e-3, micro_batch_size=1, device="cpu", grad_clip=0.5)
     adv = empg.advantages(torch.tensor(FIXED["rewards"]), 2)
-    assert torch.allclose(two["adv"], adv)  # (b) batch reward normalization over all processes' rewards
+    assert torch.allclose(
+        two["adv"], adv
+    )  # (b) batch reward normalization over all processes' rewards
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     stats = empg.m_step(model, opt, FIXED["prompts"], FIXED["comps"], adv, args)
@@ -585,51 +850,102 @@ def test_torchrun_fsdp2_step_equals_one_process(model_dir, tmp_path, tokens):
     moved = 0
     for name, p in model.state_dict().items():  # (a) the weights after the step agree
         assert torch.allclose(p, two["sd"][name], atol=1e-6), name
-        moved += not torch.equal(p, AutoModelForCausalLM.from_pretrained(model_dir).state_dict()[name])
+        moved += not torch.equal(
+            p, AutoModelForCausalLM.from_pretrained(model_dir).state_dict()[name]
+        )
     assert moved > 10
 
 
 def test_torchrun_cli_writes_once_and_resumes_with_one_process(model_dir, toy_jsonl, tmp_path):
     out = str(tmp_path / "o")
-    r = subprocess.run([*TORCHRUN, os.path.join(HERE, "empg.py"),
-                        *train_argv(model_dir, out, toy_jsonl, "--steps", "2", "--save-every", "1")],
-                       capture_output=True, text=True, timeout=300, cwd=HERE)
+    r = subprocess.run(
+        [
+            *TORCHRUN,
+            os.path.join(HERE, "empg.py"),
+            *train_argv(model_dir, out, toy_jsonl, "--steps", "2", "--save-every", "1"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=HERE,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     m = read_jsonl(os.path.join(out, "metrics.jsonl"))
     assert [x["step"] for x in m] == [1, 2]  # (c) one log, not one per process
-    assert len(read_jsonl(os.path.join(out, "samples.jsonl"))) == 2 * 3  # rank 0 logs from its own 3 completions
+    assert (
+        len(read_jsonl(os.path.join(out, "samples.jsonl"))) == 2 * 3
+    )  # rank 0 logs from its own 3 completions
     from transformers import AutoModelForCausalLM
+
     AutoModelForCausalLM.from_pretrained(os.path.join(out, "checkpoint-000002"))
-    r = run_cli(*train_argv(model_dir, out, toy_jsonl, "--steps", "3", "--resume"))  # (d) resume with G = 1
+    r = run_cli(
+        *train_argv(model_dir, out, toy_jsonl, "--steps", "3", "--resume")
+    )  # (d) resume with G = 1
     assert r.returncode == 0, r.stderr
     assert [x["step"] for x in read_jsonl(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3]
     # a bad launch: 3 prompts cannot be split over 2 processes
-    r = subprocess.run([*TORCHRUN, os.path.join(HERE, "empg.py"),
-                        *train_argv(model_dir, out, toy_jsonl, "--prompts-per-step", "3")],
-                       capture_output=True, text=True, timeout=300, cwd=HERE)
-    assert r.returncode != 0 and r.stderr.count("empg: error: --prompts-per-step 3 is not divisible") == 1
+    r = subprocess.run(
+        [
+            *TORCHRUN,
+            os.path.join(HERE, "empg.py"),
+            *train_argv(model_dir, out, toy_jsonl, "--prompts-per-step", "3"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=HERE,
+    )
+    assert (
+        r.returncode != 0
+        and r.stderr.count("empg: error: --prompts-per-step 3 is not divisible") == 1
+    )
 
 
 # ---------------------------------------------------------------- the walkthrough never rots
-@pytest.mark.parametrize("nb", sorted(f for f in os.listdir(os.path.join(HERE, "notebooks")) if f.endswith(".ipynb")))
+@pytest.mark.parametrize(
+    "nb", sorted(f for f in os.listdir(os.path.join(HERE, "notebooks")) if f.endswith(".ipynb"))
+)
 def test_notebook_executes(nb, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
-    spec = tmp_path / "kernels" / "empg-test"  # a kernel on this very interpreter, whatever kernels are installed
+
+    spec = (
+        tmp_path / "kernels" / "empg-test"
+    )  # a kernel on this very interpreter, whatever kernels are installed
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({"argv": [sys.executable, "-m", "ipykernel_launcher", "-f",
-                                                           "{connection_file}"], "display_name": "empg", "language": "python"}))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "empg",
+                "language": "python",
+            }
+        )
+    )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
     book = nbformat.read(os.path.join(HERE, "notebooks", nb), as_version=4)
-    NotebookClient(book, timeout=600, kernel_name="empg-test",
-                   resources={"metadata": {"path": os.path.join(HERE, "notebooks")}}).execute()  # raises on a cell error
+    NotebookClient(
+        book,
+        timeout=600,
+        kernel_name="empg-test",
+        resources={"metadata": {"path": os.path.join(HERE, "notebooks")}},
+    ).execute()  # raises on a cell error
     out = "".join(o.get("text", "") for c in book.cells if c.cell_type == "code" for o in c.outputs)
     assert "by hand:" in out and "last 10 steps" in out
 
 
 def test_benchmark_prints_its_json_line(model_dir):
-    r = run_cli("--benchmark", "--model", model_dir, "--prompts-per-step", "2", "--num-samples", "2",
-                "--max-new-tokens", "8")
+    r = run_cli(
+        "--benchmark",
+        "--model",
+        model_dir,
+        "--prompts-per-step",
+        "2",
+        "--num-samples",
+        "2",
+        "--max-new-tokens",
+        "8",
+    )
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["device"] == "cpu" and res["prompts"] == 2 and res["max_new_tokens"] == 8
@@ -643,9 +959,17 @@ def test_benchmark_prints_its_json_line(model_dir):
 def test_authors_strict_gsm8k_rule_boundaries():
     R = empg.gsm8k_reward
     assert R("#### 18.", "18") == 0 and R("####18", "18") == 0 and R("#### $18", "18") == 0
-    assert R("#### 1,234", "1234") == 1 and R("#### 1,234", "#### 1,234") == 1 and R("#### -5", "-5") == 1
-    assert R("#### 18 then #### 19", "18") == 1 and R("#### 18 then #### 19", "19") == 0  # first match wins
-    assert R("#### 18\nWait, #### 19.", "19") == 0 and empg.hash_answer("####  7") is None  # exactly one space
+    assert (
+        R("#### 1,234", "1234") == 1
+        and R("#### 1,234", "#### 1,234") == 1
+        and R("#### -5", "-5") == 1
+    )
+    assert (
+        R("#### 18 then #### 19", "18") == 1 and R("#### 18 then #### 19", "19") == 0
+    )  # first match wins
+    assert (
+        R("#### 18\nWait, #### 19.", "19") == 0 and empg.hash_answer("####  7") is None
+    )  # exactly one space
     g = empg.grade("so #### $18", "18", "gsm8k")
     assert not g["correct"] and g["lenient"]  # the loose rule is eval.py's lenient score only
 
@@ -663,16 +987,27 @@ def test_prompt_filter_counts():
     assert len(empg.keep_short(rows, t, 0)) == 4  # 0: no filter
     if DATA != SHARED:
         pytest.skip("the author's counts need ../shared/data")
-    count = lambda ds, split, preset: len(empg.keep_short(
-        empg.load_problems(ds, split, DATA)[0], empg.default_template(ds, empg.load_problems(ds, split, DATA)[1]),
-        empg.PRESETS[preset]["max_prompt_chars"]))
-    assert count("gsm8k", "train", "gsm8k") == 7230 and 7230 // 32 == 225  # the x-axis of the paper's figures
+    count = lambda ds, split, preset: len(
+        empg.keep_short(
+            empg.load_problems(ds, split, DATA)[0],
+            empg.default_template(ds, empg.load_problems(ds, split, DATA)[1]),
+            empg.PRESETS[preset]["max_prompt_chars"],
+        )
+    )
+    assert (
+        count("gsm8k", "train", "gsm8k") == 7230 and 7230 // 32 == 225
+    )  # the x-axis of the paper's figures
     assert count("gsm8k", "test", "gsm8k") == 1265 and count("math500", "test", "math-hard") == 496
 
 
 def test_presets_and_their_overrides():
     a = empg.parse_args(["--dataset", "gsm8k"])
-    assert (a.num_samples, a.max_new_tokens, a.max_prompt_chars, a.reward_norm) == (2, 1024, 512, "token")
+    assert (a.num_samples, a.max_new_tokens, a.max_prompt_chars, a.reward_norm) == (
+        2,
+        1024,
+        512,
+        "token",
+    )
     a = empg.parse_args(["--dataset", "math-hard", "--max-new-tokens", "2048"])
     assert (a.num_samples, a.max_new_tokens, a.max_prompt_chars) == (8, 2048, 1024)
     a = empg.parse_args(["--dataset", "x.jsonl", "--num-samples", "3"])
@@ -680,7 +1015,7 @@ def test_presets_and_their_overrides():
 
 
 def test_token_weighted_statistics_by_hand():
-    r, lens = torch.tensor([1., 0., 0.]), torch.tensor([3, 1, 1])
+    r, lens = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([3, 1, 1])
     # token: 5 tokens carry rewards [1,1,1,0,0] → μ = 0.6, unbiased σ² = (3·0.16 + 2·0.36)/4 = 0.3
     z = torch.tensor([0.4, -0.6, -0.6]) / math.sqrt(0.3 + 1e-8)
     assert torch.allclose(empg.sigmoid_normalize(r, "token", lengths=lens), torch.sigmoid(z))
@@ -688,8 +1023,12 @@ def test_token_weighted_statistics_by_hand():
     zb = torch.tensor([2 / 3, -1 / 3, -1 / 3]) / math.sqrt(1 / 3 + 1e-8)
     assert torch.allclose(empg.sigmoid_normalize(r, "batch"), torch.sigmoid(zb))
     assert not torch.allclose(torch.sigmoid(z), torch.sigmoid(zb), atol=0.02)
-    assert torch.allclose(empg.advantages(r, 3, reward_norm="token", lengths=lens), 2 * torch.sigmoid(z) - 1)
-    assert torch.allclose(empg.sigmoid_normalize(r, "token"), torch.sigmoid(zb))  # no lengths: per response
+    assert torch.allclose(
+        empg.advantages(r, 3, reward_norm="token", lengths=lens), 2 * torch.sigmoid(z) - 1
+    )
+    assert torch.allclose(
+        empg.sigmoid_normalize(r, "token"), torch.sigmoid(zb)
+    )  # no lengths: per response
     same = empg.sigmoid_normalize(torch.ones(4), "token", lengths=torch.tensor([1, 2, 3, 4]))
     assert torch.equal(same, torch.full((4,), 0.5))  # all equal: z = 0, not NaN
 
@@ -697,38 +1036,86 @@ def test_token_weighted_statistics_by_hand():
 def test_kl_k3_is_clamped_like_the_authors():
     logp = torch.tensor([0.0, 0.0, 0.0])
     ref = torch.tensor([-1.0, 3.0, 30.0])
-    want = [math.exp(-1) + 1 - 1, min(math.exp(3) - 3 - 1, 10), 10.0]  # e^3 − 4 = 16.1 → 10; r = 30 → 20 → 10
+    want = [
+        math.exp(-1) + 1 - 1,
+        min(math.exp(3) - 3 - 1, 10),
+        10.0,
+    ]  # e^3 − 4 = 16.1 → 10; r = 30 → 20 → 10
     assert torch.allclose(empg.kl_k3(logp, ref), torch.tensor(want))
 
 
 def test_cli_evaluates_during_the_run_and_resumes_the_eval_log(model_dir, toy_jsonl, tmp_path):
     out = str(tmp_path / "o")
-    argv = lambda steps, *x: train_argv(model_dir, out, toy_jsonl, "--steps", steps, "--save-every", "2",
-                                        "--eval-every", "2", "--eval-limit", "4", "--eval-dataset", toy_jsonl, *x)
+    argv = lambda steps, *x: train_argv(
+        model_dir,
+        out,
+        toy_jsonl,
+        "--steps",
+        steps,
+        "--save-every",
+        "2",
+        "--eval-every",
+        "2",
+        "--eval-limit",
+        "4",
+        "--eval-dataset",
+        toy_jsonl,
+        *x,
+    )
     r = run_cli(*argv("3"))  # evaluations at steps 0, 2 and the end (3)
     assert r.returncode == 0, r.stderr
-    r = run_cli(*argv("4", "--resume"))  # resumes from checkpoint 2: step 2's evaluation is not repeated
+    r = run_cli(
+        *argv("4", "--resume")
+    )  # resumes from checkpoint 2: step 2's evaluation is not repeated
     assert r.returncode == 0, r.stderr
     ev = read_jsonl(os.path.join(out, "eval.jsonl"))
-    assert [e["step"] for e in ev] == [0, 2, 4] and all(e["n"] == 4 and 0 <= e["test_score"] <= 1 for e in ev)
+    assert [e["step"] for e in ev] == [0, 2, 4] and all(
+        e["n"] == 4 and 0 <= e["test_score"] <= 1 for e in ev
+    )
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["test_score_last10"] == pytest.approx(sum(e["test_score"] for e in ev) / 3)
     assert summary["step0_test_score"] == ev[0]["test_score"]
     assert f"test score (mean of the last 10 evals) {summary['test_score_last10']:.3f}" in r.stderr
     # the in-run score is eval.py's score: the same sampler, grader and rows give the same number
     import eval as ev_mod
-    s = ev_mod.main(["--model", os.path.join(out, "checkpoint-000004"), "--dataset", toy_jsonl, "--limit", "4",
-                     "--max-new-tokens", "6", "--batch-size", "6", "--dtype", "fp32",
-                     "--output-dir", str(tmp_path / "e")])
+
+    s = ev_mod.main(
+        [
+            "--model",
+            os.path.join(out, "checkpoint-000004"),
+            "--dataset",
+            toy_jsonl,
+            "--limit",
+            "4",
+            "--max-new-tokens",
+            "6",
+            "--batch-size",
+            "6",
+            "--dtype",
+            "fp32",
+            "--output-dir",
+            str(tmp_path / "e"),
+        ]
+    )
     assert next(iter(s.values()))["accuracy"] == pytest.approx(ev[-1]["test_score"])
 
 
 # ---------------------------------------------------------------- the main command's path (issue: the GPU run)
 def test_a_1b_model_on_a_cpu_needs_an_explicit_device_cpu(tmp_path, toy_jsonl, capsys):
     from transformers import Qwen2Config
-    d = str(tmp_path / "qwen1.5b")  # Qwen2.5-1.5B's shape, config only: counted on the meta device, never built
-    Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True).save_pretrained(d)
+
+    d = str(
+        tmp_path / "qwen1.5b"
+    )  # Qwen2.5-1.5B's shape, config only: counted on the meta device, never built
+    Qwen2Config(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ).save_pretrained(d)
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     err = bad(["--model", d, "--dataset", toy_jsonl, "--output-dir", str(tmp_path / "o")], capsys)
@@ -751,20 +1138,33 @@ def test_frozen_copy_is_the_policy_in_bf16_without_a_full_fp32_copy():
 # ---------------------------------------------------------------- nothing lost, nothing silent (issue: careful user)
 def weights(d):
     from transformers import AutoModelForCausalLM
-    return torch.load(os.path.join(d, "trainer_state.pt"), weights_only=False)["master"] if os.path.exists(
-        os.path.join(d, "trainer_state.pt")) else AutoModelForCausalLM.from_pretrained(d).state_dict()
+
+    return (
+        torch.load(os.path.join(d, "trainer_state.pt"), weights_only=False)["master"]
+        if os.path.exists(os.path.join(d, "trainer_state.pt"))
+        else AutoModelForCausalLM.from_pretrained(d).state_dict()
+    )
 
 
 def test_a_run_dir_holds_one_run(model_dir, toy_jsonl, tmp_path, capsys):
     out = str(tmp_path / "o")
     empg.train(empg.parse_args(train_argv(model_dir, out, toy_jsonl, "--steps", "2")))
     rows, _ = read_jsonl(os.path.join(out, "metrics.jsonl")), capsys.readouterr()
-    err = bad(train_argv(model_dir, out, toy_jsonl, "--steps", "2"), capsys)  # a fresh run into it: refused
+    err = bad(
+        train_argv(model_dir, out, toy_jsonl, "--steps", "2"), capsys
+    )  # a fresh run into it: refused
     assert "already holds a run: --resume continues it, --overwrite replaces it" in err
     assert read_jsonl(os.path.join(out, "metrics.jsonl")) == rows and os.path.exists(
-        os.path.join(out, "checkpoint-000002", "trainer_state.pt"))  # nothing was touched
-    for flag, value in [("--lr", "1e-2"), ("--seed", "1"), ("--num-samples", "2"), ("--algo", "grpo"),
-                        ("--model", str(tmp_path)), ("--dataset", os.path.join(DATA, "gsm8k", "test.jsonl"))]:
+        os.path.join(out, "checkpoint-000002", "trainer_state.pt")
+    )  # nothing was touched
+    for flag, value in [
+        ("--lr", "1e-2"),
+        ("--seed", "1"),
+        ("--num-samples", "2"),
+        ("--algo", "grpo"),
+        ("--model", str(tmp_path)),
+        ("--dataset", os.path.join(DATA, "gsm8k", "test.jsonl")),
+    ]:
         argv = train_argv(model_dir, out, toy_jsonl, "--steps", "3", "--resume")
         argv = [value if i and argv[i - 1] == flag else x for i, x in enumerate(argv)]
         argv += [] if flag in argv else [flag, value]
@@ -773,16 +1173,25 @@ def test_a_run_dir_holds_one_run(model_dir, toy_jsonl, tmp_path, capsys):
     # the flags RESUMABLE lists may change: --steps continues the run
     empg.train(empg.parse_args(train_argv(model_dir, out, toy_jsonl, "--steps", "3", "--resume")))
     assert [m["step"] for m in read_jsonl(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3]
-    empg.train(empg.parse_args(train_argv(model_dir, out, toy_jsonl, "--steps", "1", "--overwrite")))
+    empg.train(
+        empg.parse_args(train_argv(model_dir, out, toy_jsonl, "--steps", "1", "--overwrite"))
+    )
     assert [m["step"] for m in read_jsonl(os.path.join(out, "metrics.jsonl"))] == [1]
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint")) == ["checkpoint-000001"]
 
 
 def test_a_second_trainer_on_the_same_dir_is_refused(model_dir, toy_jsonl, tmp_path):
     out = str(tmp_path / "o")
-    first = subprocess.Popen([sys.executable, os.path.join(HERE, "empg.py"),
-                              *train_argv(model_dir, out, toy_jsonl, "--steps", "400", "--save-every", "1000")],
-                             stderr=subprocess.PIPE, text=True, cwd=HERE)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(HERE, "empg.py"),
+            *train_argv(model_dir, out, toy_jsonl, "--steps", "400", "--save-every", "1000"),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=HERE,
+    )
     try:
         for _ in range(600):  # until the first one has its lock and has started stepping
             if os.path.exists(os.path.join(out, "metrics.jsonl")):
@@ -801,45 +1210,71 @@ def test_a_second_trainer_on_the_same_dir_is_refused(model_dir, toy_jsonl, tmp_p
 
 def test_ctrl_c_finishes_the_step_saves_it_and_resume_is_exact(model_dir, toy_jsonl, tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    argv = lambda out, *x: train_argv(model_dir, out, toy_jsonl, "--steps", "6", "--save-every", "100", *x)
+    argv = lambda out, *x: train_argv(
+        model_dir, out, toy_jsonl, "--steps", "6", "--save-every", "100", *x
+    )
     assert run_cli(*argv(full)).returncode == 0
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "empg.py"), *argv(part)], stderr=subprocess.PIPE,
-                         text=True, cwd=HERE)
+    p = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "empg.py"), *argv(part)],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=HERE,
+    )
     for _ in range(600):
-        if os.path.exists(os.path.join(part, "metrics.jsonl")) and read_jsonl(os.path.join(part, "metrics.jsonl")):
+        if os.path.exists(os.path.join(part, "metrics.jsonl")) and read_jsonl(
+            os.path.join(part, "metrics.jsonl")
+        ):
             break
         time.sleep(0.05)
     p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=120)[1]
     assert p.returncode == 130, err
-    saved = int(err.split("step ")[-1].split(" is saved")[0])  # "interrupted; step N is saved in ..."
+    saved = int(
+        err.split("step ")[-1].split(" is saved")[0]
+    )  # "interrupted; step N is saved in ..."
     assert 1 <= saved < 6 and os.listdir(part).count(f"checkpoint-{saved:06d}") == 1
-    assert [m["step"] for m in read_jsonl(os.path.join(part, "metrics.jsonl"))] == list(range(1, saved + 1))
+    assert [m["step"] for m in read_jsonl(os.path.join(part, "metrics.jsonl"))] == list(
+        range(1, saved + 1)
+    )
     r = run_cli(*argv(part, "--resume"))
     assert r.returncode == 0, r.stderr
-    a, b = weights(os.path.join(full, "checkpoint-000006")), weights(os.path.join(part, "checkpoint-000006"))
+    a, b = (
+        weights(os.path.join(full, "checkpoint-000006")),
+        weights(os.path.join(part, "checkpoint-000006")),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_save_interrupted_by_ctrl_c_is_whole_and_names_its_step(model_dir, toy_jsonl, tmp_path, monkeypatch):
+def test_a_save_interrupted_by_ctrl_c_is_whole_and_names_its_step(
+    model_dir, toy_jsonl, tmp_path, monkeypatch
+):
     out = str(tmp_path / "o")
     run = empg.build(empg.parse_args(train_argv(model_dir, out, toy_jsonl, "--steps", "2")))
     real = empg.write_checkpoint
 
     def interrupted(path, *a):
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C (Python's default: KeyboardInterrupt) in the middle of a save
+        os.kill(
+            os.getpid(), signal.SIGINT
+        )  # Ctrl-C (Python's default: KeyboardInterrupt) in the middle of a save
         time.sleep(0.2)
         real(path, *a)
+
     monkeypatch.setattr(empg, "write_checkpoint", interrupted)
     with pytest.raises(KeyboardInterrupt):  # held off until the checkpoint is renamed into place
         empg.save_checkpoint(run, 1)
-    assert sorted(os.listdir(out)) == [".lock", "args.json", "checkpoint-000001"]  # no .tmp-checkpoint left
+    assert sorted(os.listdir(out)) == [
+        ".lock",
+        "args.json",
+        "checkpoint-000001",
+    ]  # no .tmp-checkpoint left
     w = weights(os.path.join(out, "checkpoint-000001"))
     assert all(torch.equal(w[k], v) for k, v in run.policy.state_dict().items())
+
     # a full disk: one line, the temp dir removed, the earlier checkpoint intact
     def full_disk(path, *a):
         os.makedirs(path)
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(empg, "write_checkpoint", full_disk)
     with pytest.raises(SystemExit):
         empg.save_checkpoint(run, 2)
@@ -859,41 +1294,75 @@ def test_torn_log_lines_are_dropped_on_resume(model_dir, toy_jsonl, tmp_path, ca
 
 def test_every_bad_number_and_input_is_one_line(model_dir, toy_jsonl, tmp_path, capsys):
     out = str(tmp_path / "o")
-    for flags, says in [(["--lr", "inf"], "--lr must be a finite number"), (["--lr", "1e30"], "--lr"),
-                        (["--weight-decay", "inf"], "finite"), (["--weight-decay", "nan"], "finite"),
-                        (["--weight-decay", "-1"], "--weight-decay"), (["--beta", "inf"], "--beta"),
-                        (["--entropy-coef", "-1"], "--entropy-coef must be >= 0"), (["--seed", "1e23"], "--seed"),
-                        (["--seed", str(2**40)], "--seed"), (["--device", "tpu"], "--device"),
-                        (["--prompt-template", "no placeholder"], "{question}"), (["--temperature", "nan"], "finite")]:
+    for flags, says in [
+        (["--lr", "inf"], "--lr must be a finite number"),
+        (["--lr", "1e30"], "--lr"),
+        (["--weight-decay", "inf"], "finite"),
+        (["--weight-decay", "nan"], "finite"),
+        (["--weight-decay", "-1"], "--weight-decay"),
+        (["--beta", "inf"], "--beta"),
+        (["--entropy-coef", "-1"], "--entropy-coef must be >= 0"),
+        (["--seed", "1e23"], "--seed"),
+        (["--seed", str(2**40)], "--seed"),
+        (["--device", "tpu"], "--device"),
+        (["--prompt-template", "no placeholder"], "{question}"),
+        (["--temperature", "nan"], "finite"),
+    ]:
         with pytest.raises(SystemExit) as e:
             empg.parse_args(train_argv(model_dir, out, toy_jsonl, *flags))
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and len(err.splitlines()) == 1 and says in err, (flags, err)
+
     def data(name, *rows):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         return str(tmp_path / name)
+
     ok = {"question": "1", "answer": "1"}
-    assert "e.jsonl:2: needs a non-empty 'question'" in bad(train_argv(model_dir, out, data(
-        "e.jsonl", ok, {"question": "", "answer": "1"})), capsys)
+    assert "e.jsonl:2: needs a non-empty 'question'" in bad(
+        train_argv(model_dir, out, data("e.jsonl", ok, {"question": "", "answer": "1"})), capsys
+    )
     for answer in (None, float("nan"), [4, 5], True, " "):
-        assert "a.jsonl:3: 'answer' must be a non-empty string or a number" in bad(train_argv(
-            model_dir, out, data("a.jsonl", ok, ok, {"question": "2", "answer": answer})), capsys)
-    assert "exceeds the model's context (512)" in bad(train_argv(model_dir, out, data(
-        "long.jsonl", ok, {"question": "x" * 600, "answer": "1"})), capsys)
+        assert "a.jsonl:3: 'answer' must be a non-empty string or a number" in bad(
+            train_argv(
+                model_dir, out, data("a.jsonl", ok, ok, {"question": "2", "answer": answer})
+            ),
+            capsys,
+        )
+    assert "exceeds the model's context (512)" in bad(
+        train_argv(model_dir, out, data("long.jsonl", ok, {"question": "x" * 600, "answer": "1"})),
+        capsys,
+    )
     small = str(tmp_path / "small")  # a model whose vocabulary is smaller than its tokenizer's
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(small)
+
+    Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=50,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).save_pretrained(small)
     char_tokenizer().save_pretrained(small)
     assert "beyond the model's vocabulary (50): wrong --tokenizer?" in bad(
-        train_argv(small, out, data("t.jsonl", {"question": "~~~", "answer": "1"})), capsys)
-    assert "cannot load tokenizer" in bad(train_argv(model_dir, out, toy_jsonl, "--tokenizer",
-                                                     str(tmp_path / "no-such-tokenizer")), capsys)
+        train_argv(small, out, data("t.jsonl", {"question": "~~~", "answer": "1"})), capsys
+    )
+    assert "cannot load tokenizer" in bad(
+        train_argv(model_dir, out, toy_jsonl, "--tokenizer", str(tmp_path / "no-such-tokenizer")),
+        capsys,
+    )
     (tmp_path / "file").write_text("x")
-    assert "is a file, not a directory" in bad(train_argv(model_dir, str(tmp_path / "file"), toy_jsonl), capsys)
-    assert "cannot write to --output-dir" in bad(train_argv(model_dir, str(tmp_path / "file" / "o"), toy_jsonl),
-                                                 capsys)
-    nan = str(tmp_path / "nan")  # NaN weights: every step is skipped, so the run stops instead of "finishing"
+    assert "is a file, not a directory" in bad(
+        train_argv(model_dir, str(tmp_path / "file"), toy_jsonl), capsys
+    )
+    assert "cannot write to --output-dir" in bad(
+        train_argv(model_dir, str(tmp_path / "file" / "o"), toy_jsonl), capsys
+    )
+    nan = str(
+        tmp_path / "nan"
+    )  # NaN weights: every step is skipped, so the run stops instead of "finishing"
     m = tiny_model(std=0.3)
     with torch.no_grad():
         for p in m.parameters():
@@ -901,7 +1370,11 @@ def test_every_bad_number_and_input_is_one_line(model_dir, toy_jsonl, tmp_path, 
     m.save_pretrained(nan)
     char_tokenizer().save_pretrained(nan)
     with pytest.raises(SystemExit) as e:  # (after the progress bar: the last line)
-        empg.train(empg.parse_args(train_argv(nan, str(tmp_path / "n"), toy_jsonl, "--steps", "10")))
+        empg.train(
+            empg.parse_args(train_argv(nan, str(tmp_path / "n"), toy_jsonl, "--steps", "10"))
+        )
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert e.value.code == 2 and err.startswith("empg: error: 3 steps in a row had a non-finite loss")
+    assert e.value.code == 2 and err.startswith(
+        "empg: error: 3 steps in a row had a non-finite loss"
+    )
     assert "stopped at step 3" in err
