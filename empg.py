@@ -15,8 +15,8 @@ Algorithm 1, line by line, and the function that computes it (in Part I, unless 
     python empg.py --model Qwen/Qwen2.5-1.5B --dataset math-hard   # MATH levels 3-5
 """
 
-import argparse, contextlib, fcntl, functools, json, math, os, re, shutil, signal, sys, threading
-import time
+import argparse, contextlib, fcntl, functools, json, math, os, re, shutil, signal, socket, sys
+import threading, time
 from dataclasses import asdict, dataclass, field, fields
 from types import SimpleNamespace
 
@@ -375,22 +375,13 @@ AT_LEAST = dict(steps=1, prompts_per_step=1, num_samples=1, max_new_tokens=1, up
                 micro_batch_size=1, logprob_chunk=1, save_every=1, max_prompt_chars=0, beta=0,
                 entropy_coef=0, micro_batch_tokens=0, eval_every=0, eval_limit=0, log_samples=0,
                 seed=0)  # fmt: skip
-RESUMABLE = [
-    "steps",
-    "save_every",
-    "log_samples",
-    "eval_every",
-    "eval_limit",
-    "resume",
-    "overwrite",
-]
+RESUMABLE = "steps save_every log_samples eval_every eval_limit resume overwrite".split()
 
 
 def parse_args(argv=None):
     note = "--resume keeps the run's flags, but for " + ", ".join(map(flag, RESUMABLE))
-    p = argparse.ArgumentParser(
-        description=__doc__, epilog=note, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(description=__doc__, epilog=note, formatter_class=fmt)
     p.error = lambda msg: die(msg)  # one line, not argparse's usage block
     for f in fields(Args):
         kw = dict(type=f.metadata["kind"], default=f.default, choices=f.metadata["choices"] or None)
@@ -413,15 +404,9 @@ def parse_args(argv=None):
         (0 < a.clip_eps < 1, "--clip-eps must be in (0, 1)"),
         (a.seed < 2**31, "--seed must be below 2^31"),
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?", a.device), "--device must be auto, cpu, cuda[:N]"),
-        (
-            not a.prompt_template or "{question}" in a.prompt_template,
-            "--prompt-template: no {question}",
-        ),
-        (
-            a.num_samples > 1 or a.reward_norm != "group",
-            "--reward-norm group needs --num-samples >= 2",
-        ),
-        (a.num_samples > 1 or a.algo != "grpo", "--algo grpo needs --num-samples >= 2"),
+        ("{question}" in (a.prompt_template or "{question}"), "--prompt-template: no {question}"),
+        (a.num_samples > 1 or a.reward_norm != "group", "--reward-norm group: --num-samples >= 2"),
+        (a.num_samples > 1 or a.algo != "grpo", "--algo grpo: --num-samples >= 2"),
         (a.master_dtype == "fp32" or a.dtype != "fp32", "--master-dtype bf16 computes in bf16"),
         (not (a.resume and a.overwrite), "--resume and --overwrite contradict each other"),
     ]
@@ -436,6 +421,10 @@ def flag(name):
 
 
 PROG = "empg"  # eval.py sets "eval": errors name the program the user ran
+
+
+def say(msg):
+    print(msg, file=sys.stderr)
 
 
 def die(msg):
@@ -460,7 +449,7 @@ def optimizer_step(policy, opt, grad_clip, loss_finite=True):
 
 
 # ---- The fast E-step: our decode step on a KV cache allocated once, eager or as CUDA graphs
-BLOCK = 256  # KV-cache columns are allocated and read BLOCK at a time: a bounded set of shapes, so of graphs
+BLOCK = 256  # the KV cache is allocated and read BLOCK columns at a time: few shapes, few graphs
 
 
 def make_decoder(model, flag="auto", master_dtype="fp32"):
@@ -486,9 +475,8 @@ def left_pad(seqs, pad_id, device):
     ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, ids.shape[1] - len(s) :] = torch.tensor(s)
-    mask = (
-        torch.arange(ids.shape[1]) >= ids.shape[1] - torch.tensor([len(s) for s in seqs])[:, None]
-    )
+    lengths = torch.tensor([len(s) for s in seqs])[:, None]
+    mask = torch.arange(ids.shape[1]) >= ids.shape[1] - lengths
     return ids.to(device), mask.long().to(device)
 
 
@@ -532,41 +520,30 @@ class StaticDecoder:
     hit, warns once and the step runs eagerly."""
 
     def __init__(self, model, compiled=False):
-        self.model, self.compiled, self.kv, self.valid, self.graph_bound = (
-            model,
-            compiled,
-            None,
-            None,
-            0,
-        )
-        self.fn = decode_step
-        if compiled:
-            self.fn = torch.compile(
-                decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False
-            )
-        self.mstep_bytes = (
-            math.inf
-        )  # what the last M-step needed on top of what it started with (CUDA)
+        self.model, self.compiled, self.kv, self.valid = model, compiled, None, None
+        self.fn, self.graph_bound = decode_step, 0
+        if compiled:  # dynamic=False: one graph per shape, a bound we can count
+            kw = dict(mode="reduce-overhead", fullgraph=True, dynamic=False)
+            self.fn = torch.compile(decode_step, **kw)
+        # what the last M-step needed beyond what it started with (CUDA; first: assume the worst)
+        self.mstep_bytes = math.inf
 
     def allocate(self, rows, length, like):
         if self.valid is not None and self.valid.shape[0] == rows and self.valid.shape[1] >= length:
             return
         self.kv = self.valid = None  # never hold the old cache and the new one at once
         L, kv_heads, d = -(-length // BLOCK) * BLOCK, like.shape[1], like.shape[-1]
-        self.kv = [
-            (like.new_zeros(rows, kv_heads, L, d), like.new_zeros(rows, kv_heads, L, d))
-            for _ in self.model.model.layers
-        ]
+        new = lambda: like.new_zeros(rows, kv_heads, L, d)
+        self.kv = [(new(), new()) for _ in self.model.model.layers]
         self.valid = torch.zeros(rows, L, dtype=torch.bool, device=like.device)
         for t in (self.valid, *(x for pair in self.kv for x in pair)):
             torch._dynamo.mark_static_address(t)  # CUDA graphs keep pointers to these
-        if self.compiled:  # a new allocation → one new graph per window width it reads
+        if self.compiled:  # a new allocation: one new graph per window width it reads
             self.graph_bound += L // BLOCK
             cfg = torch._dynamo.config
             cfg.recompile_limit = max(cfg.recompile_limit, self.graph_bound)
-            cfg.fail_on_recompile_limit_hit = (
-                True  # past the bound: our warning, never a silent eager run
-            )
+            # past the bound: our warning below, never a silent eager run
+            cfg.fail_on_recompile_limit_hit = True
 
     def prefill(self, ids, mask, n, max_new_tokens):
         from transformers import DynamicCache
@@ -577,17 +554,12 @@ class StaticDecoder:
         self.allocate(B * n, P + max_new_tokens, cache.layers[0].keys)
         for (K, V), layer in zip(
             self.kv, cache.layers
-        ):  # each prompt prefilled once, its K/V copied to n rows
-            K[:, :, :P], V[:, :, :P] = (
-                layer.keys.repeat_interleave(n, 0),
-                layer.values.repeat_interleave(n, 0),
-            )
+        ):  # each prompt prefilled once, copied to n rows
+            K[:, :, :P] = layer.keys.repeat_interleave(n, 0)
+            V[:, :, :P] = layer.values.repeat_interleave(n, 0)
         self.valid.zero_()[:, :P] = mask.bool().repeat_interleave(n, 0)
-        self.pos, self.col, self.filled = (
-            pos[:, -1:].repeat_interleave(n, 0),
-            torch.full((1,), P - 1, device=ids.device),
-            P - 1,
-        )
+        self.pos = pos[:, -1:].repeat_interleave(n, 0)
+        self.col, self.filled = torch.full((1,), P - 1, device=ids.device), P - 1  # tensor, int
         return logits.repeat_interleave(n, 0)
 
     def step(self, tok):
@@ -597,18 +569,14 @@ class StaticDecoder:
         width = min(self.valid.shape[1], (self.filled // BLOCK + 1) * BLOCK)
         args = (self.model, self.kv, self.valid, tok, self.pos, self.col, width)
         if self.compiled:
-            torch.compiler.cudagraph_mark_step_begin()  # last step's logits are consumed: reuse buffers
+            torch.compiler.cudagraph_mark_step_begin()  # the last logits are consumed: reuse buffers
         try:
             return self.fn(*args)
-        except (
-            Exception
-        ) as e:  # no Triton, an unsupported op, the graph bound hit, ...: carry on eagerly
+        except Exception as e:  # no Triton, an unsupported op, the bound hit: carry on eagerly
             if not self.compiled:
                 raise
-            print(
-                f"empg: warning: torch.compile failed ({type(e).__name__}); sampling with --sampler static",
-                file=sys.stderr,
-            )
+            why = type(e).__name__
+            print(f"empg: warning: torch.compile failed ({why}); decoding eagerly", file=sys.stderr)
             self.compiled, self.fn = False, decode_step
             return decode_step(*args)  # writing the same cache column again is harmless
 
@@ -719,40 +687,29 @@ class AdamWSR(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        gen, chunk = (
-            None,
-            1 << 24,
-        )  # fp32 temporaries for 16M values at a time, not a whole embedding
+        gen, chunk = None, 1 << 24  # fp32 temporaries for 16M values at a time
         for group in self.param_groups:
             (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
             for p in (p for p in group["params"] if p.grad is not None):
                 st = self.state[p]
                 if not st:
-                    st.update(
-                        step=torch.tensor(0.0),
-                        exp_avg=torch.zeros_like(p),
-                        exp_avg_sq=torch.zeros_like(p),
-                    )
+                    zeros = torch.zeros_like
+                    st.update(step=torch.tensor(0.0), exp_avg=zeros(p), exp_avg_sq=zeros(p))
                 t = int(st["step"].add_(1))
-                if (
-                    gen is None
-                ):  # noise is a function of (seed, step): a resumed run rounds exactly as before
+                if gen is None:  # noise from (seed, step): a resumed run rounds the same
                     gen = torch.Generator(p.device).manual_seed(self.seed * 1_000_003 + t)
-                rnd = (
-                    (lambda x: stochastic_round(x, gen))
-                    if p.dtype == torch.bfloat16
-                    else (lambda x: x)
-                )
-                for w, g, m, v in zip(
-                    *(x.view(-1).split(chunk) for x in (p, p.grad, st["exp_avg"], st["exp_avg_sq"]))
-                ):
+                keep = lambda x: x
+                rnd = (lambda x: stochastic_round(x, gen)) if p.dtype == torch.bfloat16 else keep
+                tensors = (p, p.grad, st["exp_avg"], st["exp_avg_sq"])
+                parts = (x.view(-1).split(chunk) for x in tensors)
+                for w, g, m, v in zip(*parts):
                     g, m32, v32 = g.float(), m.float(), v.float()
                     m32.lerp_(g, 1 - b1)
                     v32.mul_(b2).addcmul_(g, g, value=1 - b2)
-                    m.copy_(
-                        rnd(m32)
-                    )  # the moments are rounded stochastically too: v's 0.1 % steps (1 − β2)
-                    v.copy_(rnd(v32))  # are below half a bf16 spacing (0.4 %) and would stall it
+                    # the moments are rounded stochastically too: v's 0.1 % steps (1 − β2) are
+                    # below half a bf16 spacing (0.4 %) and would stall it
+                    m.copy_(rnd(m32))
+                    v.copy_(rnd(v32))
                     upd = (m32 / (1 - b1**t)) / ((v32 / (1 - b2**t)).sqrt_() + eps)
                     w.copy_(rnd(w.float().mul_(1 - lr * wd).sub_(lr * upd)))
 
@@ -770,18 +727,33 @@ def make_optimizer(policy, args, dev):
 
 # ---- Models, devices, θ*
 def device_and_dtype(args):
-    dev = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(auto if args.device == "auto" else args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         die(f"--device {args.device} but no CUDA GPU is visible")
-    bf16_master = (
-        getattr(args, "master_dtype", "fp32") == "bf16"
-    )  # (eval.py shares this, without the flag)
+    bf16_master = getattr(args, "master_dtype", "fp32") == "bf16"  # (eval.py has no such flag)
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and (dev.type == "cuda" or bf16_master))
     if bf16 and dev.type == "cpu" and not torch.cpu._is_avx512_bf16_supported() and not bf16_master:
         die("--dtype bf16 on a CPU without native bf16 (AVX512-BF16); use --dtype fp32")
     return dev, torch.bfloat16 if bf16 else torch.float32
+
+
+@functools.cache
+def hub_offline():
+    """Whether to use the local Hugging Face cache only: yes when the hub does not answer within 3 s,
+    which then fails (or loads from the cache) at once instead of after ~25 s of retries a file."""
+    import huggingface_hub.constants as hub
+    from urllib.parse import urlparse
+
+    if hub.HF_HUB_OFFLINE:
+        return True
+    try:
+        socket.create_connection((urlparse(hub.ENDPOINT).hostname, 443), timeout=3).close()
+        return False
+    except OSError:
+        hub.HF_HUB_OFFLINE = True
+        say(f"{PROG}: warning: the Hugging Face hub is unreachable; using the local cache only")
+        return True
 
 
 def load_model(name, device, dtype=torch.float32, insist_cpu=False):
@@ -790,6 +762,7 @@ def load_model(name, device, dtype=torch.float32, insist_cpu=False):
 
     if (os.path.isabs(name) or name.startswith(".")) and not os.path.isdir(name):
         die(f"cannot load model {name!r}: no such directory")
+    offline = not os.path.isdir(name) and hub_offline()
     try:
         cfg = AutoConfig.from_pretrained(name)
         with torch.device("meta"):
@@ -798,21 +771,17 @@ def load_model(name, device, dtype=torch.float32, insist_cpu=False):
             die(
                 f"no CUDA GPU: a {n / 1e9:.1f}B model on a CPU would take days; pass --device cpu to insist"
             )
-        if os.path.isdir(name) and not any(
+        weights = os.path.isdir(name) and any(
             f.endswith((".safetensors", ".bin")) for f in os.listdir(name)
-        ):
+        )
+        if os.path.isdir(name) and not weights:
             torch.manual_seed(0)
             return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
         return AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as e:
-        hint = (
-            " (offline? use a local dir, or set HF_HUB_OFFLINE=1 once it is cached)"
-            if not os.path.isdir(name)
-            else ""
-        )
-        die(
-            f"cannot load model {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}"
-        )
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        hint = "; the hub is unreachable: pass a local dir" if offline else ""
+        die(f"cannot load model {name!r}: {why}{hint}")
 
 
 def load_tokenizer(name):
@@ -820,11 +789,14 @@ def load_tokenizer(name):
 
     if (os.path.isabs(name) or name.startswith(".")) and not os.path.isdir(name):
         die(f"cannot load tokenizer {name!r}: no such directory")
+    offline = not os.path.isdir(name) and hub_offline()
     try:
         return AutoTokenizer.from_pretrained(name)
     except Exception as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
         die(
-            f"cannot load tokenizer {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            f"cannot load tokenizer {name!r}: {why}"
+            + ("; the hub is unreachable" if offline else "")
         )
 
 
@@ -849,16 +821,15 @@ def frozen_copy(policy, dtype):
 
     with torch.device(policy.device):
         twin = AutoModelForCausalLM.from_config(copy.deepcopy(policy.config), dtype=dtype)
-    twin.load_state_dict(
-        policy.state_dict()
-    )  # copies into twin's bf16 storage, one tensor at a time
+    twin.load_state_dict(policy.state_dict())  # into twin's bf16 storage, one tensor at a time
     return twin.eval().requires_grad_(False)
 
 
 @torch.no_grad()
 def sync_theta_star(theta_star, policy):
-    """θ* ← θ, parameter by parameter (FSDP2: each shard all-gathered in turn); nothing when θ* is
-    θ."""
+    """θ* ← θ, parameter by parameter (FSDP2: each shard all-gathered in turn); when θ* is θ itself,
+    only eval mode (no dropout; gradient checkpointing would switch the decoder's KV cache off)."""
+    theta_star.eval()
     if theta_star is not policy:
         for ps, p in zip(theta_star.parameters(), policy.parameters()):
             ps.copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
@@ -945,14 +916,15 @@ def _problem(row, where):
 
 
 def _hub(*a, **kw):
+    offline = hub_offline()
     try:
         import datasets
 
+        datasets.config.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE or offline
         return list(datasets.load_dataset(*a, **kw))
     except Exception as e:
-        die(
-            f"cannot load {a[0]} from the Hugging Face hub ({type(e).__name__}); use --data-dir DIR"
-        )
+        why = "the hub is unreachable" if offline else type(e).__name__
+        die(f"cannot load {a[0]} from the Hugging Face hub ({why}); use --data-dir DIR")
 
 
 def load_problems(dataset, split="train", data_dir=""):
@@ -1029,9 +1001,12 @@ def step_prompts(step, n_rows, k, seed):
     """Row indices for a step: consecutive slices of a fresh permutation per epoch — a pure function
     of (seed, step), so a resumed run sees the same data order."""
     perms = {}  # one permutation per epoch touched
-    perm = lambda e: perms.setdefault(
-        e, torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + e))
-    )  # noqa: E731
+
+    def perm(e):
+        if e not in perms:
+            perms[e] = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + e))
+        return perms[e]
+
     return [perm(j // n_rows)[j % n_rows].item() for j in range(step * k, step * k + k)]
 
 
@@ -1137,19 +1112,10 @@ def evaluate(run, step):
     for i in range(0, len(rows), b):
         run.phase(f"eval {i}/{len(rows)}")
         batch = rows[i : i + b]
-        ids = [r["ids"] for r in batch] + [batch[-1]["ids"]] * (
-            b - len(batch)
-        )  # padded to the E-step's rows
+        ids = [r["ids"] for r in batch] + [batch[-1]["ids"]] * (b - len(batch))  # the E-step's rows
+        a = run.args
         comps = sample(
-            run.theta_star,
-            ids,
-            1,
-            run.args.max_new_tokens,
-            run.eos_ids,
-            run.pad_id,
-            0,
-            None,
-            run.decoder,
+            run.theta_star, ids, 1, a.max_new_tokens, run.eos_ids, run.pad_id, 0, None, run.decoder
         )
         texts = run.tok.batch_decode(comps[: len(batch)], skip_special_tokens=True)
         grades += [grade(t, r["answer"], run.eval_task) for t, r in zip(texts, batch)]
@@ -1190,10 +1156,10 @@ def build_models(args, dev, dtype, world=1, ckpt=None, state=None):
     theta_star = frozen_copy(policy, dtype) if dtype != master or world > 1 else policy
     ref = None
     if args.beta > 0:  # π_init: the weights the run started from
-        ref = (
-            frozen_copy(policy, dtype) if ckpt is None else load_model(args.model, dev, dtype, True)
-        )
-        ref.requires_grad_(False)
+        if ckpt is None:
+            ref = frozen_copy(policy, dtype)
+        else:
+            ref = load_model(args.model, dev, dtype, True).requires_grad_(False)
     if world > 1:
         shard(policy, dtype)
     opt = make_optimizer(policy, args, dev)
@@ -1322,37 +1288,27 @@ def progress(run):
     quits at once."""
     from tqdm import tqdm
 
+    a = run.args
     run.bar = tqdm(
-        total=run.args.steps,
-        initial=run.start,
-        desc=run.args.algo,
-        dynamic_ncols=True,
-        disable=run.rank != 0,
+        total=a.steps, initial=run.start, desc=a.algo, dynamic_ncols=True, disable=run.rank > 0
     )
 
     def on_sigint(*_):
         if run.stop:
             raise KeyboardInterrupt
         run.stop = True
-        print(
-            "\nempg: Ctrl-C: finishing this step and saving it (Ctrl-C again quits without saving)",
-            file=sys.stderr,
-        )
+        say("\nempg: Ctrl-C: finishing this step and saving it (Ctrl-C again quits without saving)")
 
-    old = (
-        signal.signal(signal.SIGINT, on_sigint)
-        if threading.current_thread() is threading.main_thread()
-        else None
-    )
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGINT, on_sigint) if main else None
     try:
         for step in range(run.start, run.args.steps):
             yield step
             run.bar.update(1)
             if run.stop:
                 run.bar.close()
-                print(
-                    f"empg: interrupted; step {run.saved} is saved in {run.out_dir}; continue with --resume",
-                    file=sys.stderr,
+                say(
+                    f"empg: interrupted; step {run.saved} is saved in {run.out_dir}; continue with --resume"
                 )
                 sys.exit(130)
     finally:
@@ -1415,17 +1371,14 @@ def finish(run):
     if run.rank == 0:
         write_atomic(os.path.join(run.out_dir, "summary.json"), json.dumps(summary, indent=1))
         f = lambda x: "-" if x is None else f"{x:.3f}"
-        say = lambda msg: print(f"empg: {msg}", file=sys.stderr)
         say(
-            f"done, {run.args.steps} steps; reward, mean of the last 10: {f(summary['reward_last10'])}"
+            f"empg: done, {run.args.steps} steps; reward, mean of the last 10: {f(summary['reward_last10'])}"
         )
         if run.evals:
             last10, step0 = f(summary["test_score_last10"]), f(summary["step0_test_score"])
-            say(f"test score (mean of the last 10 evals) {last10}; step-0 score {step0}")
-        say(
-            f"in {run.out_dir}: "
-            + ", ".join(sorted(x for x in os.listdir(run.out_dir) if x[0] != "."))
-        )
+            say(f"empg: test score (mean of the last 10 evals) {last10}; step-0 score {step0}")
+        wrote = ", ".join(sorted(x for x in os.listdir(run.out_dir) if x[0] != "."))
+        say(f"empg: in {run.out_dir}: {wrote}")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -1378,3 +1378,24 @@ def test_every_bad_number_and_input_is_one_line(model_dir, toy_jsonl, tmp_path, 
         "empg: error: 3 steps in a row had a non-finite loss"
     )
     assert "stopped at step 3" in err
+
+
+def test_an_unreachable_hub_is_one_warning_and_one_error_at_once(tmp_path, toy_jsonl):
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        pytest.skip("the hub is reachable from here")
+    except OSError:
+        pass
+    r = run_cli(
+        "--model", "Qwen/Qwen2.5-1.5B", "--dataset", toy_jsonl, "--output-dir", str(tmp_path / "o")
+    )
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert (
+        lines[-2]
+        == "empg: warning: the Hugging Face hub is unreachable; using the local cache only"
+    )
+    assert lines[-1].startswith("empg: error: cannot load model 'Qwen/Qwen2.5-1.5B'")
+    assert lines[-1].endswith("the hub is unreachable: pass a local dir")
