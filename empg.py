@@ -486,7 +486,7 @@ def rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), -1) * sin
 
 
-def decode_step(model, kv, valid, tok, pos, col, width):
+def decode_step(model, kv, valid, tok, pos, col, width, attention="sdpa"):
     """Next-token logits (R, vocab) for tokens tok (R,) at positions pos (R, 1), their K/V written
     to cache column col (a 1-element tensor: the column moves, the graph does not). valid (R, L)
     marks the columns each row may attend to; attention reads the first `width` only (the filled
@@ -500,16 +500,25 @@ def decode_step(model, kv, valid, tok, pos, col, width):
         q = rope(a.q_proj(h).view(R, -1, a.head_dim), cos, sin)  # (R, H, d)
         K.index_copy_(2, col, rope(a.k_proj(h).view(R, -1, a.head_dim), cos, sin)[:, :, None])
         V.index_copy_(2, col, a.v_proj(h).view(R, -1, 1, a.head_dim))
-        # grouped-query attention without repeating K/V: the H/KV query heads of a KV head attend as
-        # H/KV query rows of it, so each cache entry is read once, not H/KV times (6× for
-        # Qwen2.5-1.5B)
-        qg, Kw, Vw = q.view(R, K.shape[1], -1, a.head_dim), K[:, :, :width], V[:, :, :width]
-        o = F.scaled_dot_product_attention(
-            qg, Kw, Vw, attn_mask=valid[:, None, None, :width], scale=a.scaling
+        q = q.view(R, K.shape[1], -1, a.head_dim)  # (R, KV heads, H/KV, d)
+        o = decode_attention(
+            q, K[:, :, :width], V[:, :, :width], valid[:, :width], a.scaling, attention
         )
         x = x + a.o_proj(o.reshape(R, 1, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return model.get_output_embeddings()(m.norm(x))[:, 0]
+
+
+def decode_attention(q, K, V, valid, scale, attention="sdpa"):
+    """One new token per row against its cache, grouped-query heads folded onto their KV head: the
+    H/KV query heads of a KV head attend as H/KV query rows of it, so each cache entry is read once,
+    not H/KV times (6× for Qwen2.5-1.5B). 'sdpa': torch's kernel (a boolean mask rules out flash);
+    'matmul': two batched matmuls around an fp32 softmax. Which is faster is for the GPU to say."""
+    if attention == "sdpa":
+        return F.scaled_dot_product_attention(q, K, V, attn_mask=valid[:, None, None], scale=scale)
+    s = torch.matmul(q, K.transpose(-1, -2)).float() * scale  # (R, KV, H/KV, width)
+    p = s.masked_fill(~valid[:, None, None], float("-inf")).softmax(-1)
+    return torch.matmul(p.to(V.dtype), V)
 
 
 class StaticDecoder:
@@ -519,8 +528,9 @@ class StaticDecoder:
     cache allocation — a known bound the recompile limit is raised to. A failed compile, or a limit
     hit, warns once and the step runs eagerly."""
 
-    def __init__(self, model, compiled=False):
+    def __init__(self, model, compiled=False, attention="sdpa"):
         self.model, self.compiled, self.kv, self.valid = model, compiled, None, None
+        self.attention = attention  # decode_attention's kernel
         self.fn, self.graph_bound = decode_step, 0
         if compiled:  # dynamic=False: one graph per shape, a bound we can count
             kw = dict(mode="reduce-overhead", fullgraph=True, dynamic=False)
@@ -567,7 +577,7 @@ class StaticDecoder:
         self.col += 1
         self.filled += 1
         width = min(self.valid.shape[1], (self.filled // BLOCK + 1) * BLOCK)
-        args = (self.model, self.kv, self.valid, tok, self.pos, self.col, width)
+        args = (self.model, self.kv, self.valid, tok, self.pos, self.col, width, self.attention)
         if self.compiled:
             torch.compiler.cudagraph_mark_step_begin()  # the last logits are consumed: reuse buffers
         try:
@@ -1536,6 +1546,8 @@ def benchmark(args):
                           torch.Generator(dev).manual_seed(0), run.decoder)  # fmt: skip
     timed(ours, res, "ours_first_s")
     comps = timed(ours, res, "ours_s", "estep_peak_mem_gib")
+    if isinstance(run.decoder, StaticDecoder):
+        time_other_attention(run, prompts, n, T, res)
     run.decoder.make_room()
     gen = lambda: generate_like_sample(run.theta_star, prompts, n, T, args.temperature)
     timed(gen, res, "generate_s")
@@ -1547,15 +1559,8 @@ def benchmark(args):
     timed(step, res, "mstep_s", "peak_mem_gib")
     m_tokens = (sum(map(len, reps)) + tokens) * args.updates_per_batch
     res["mstep_tok_s"] = m_tokens / res["mstep_s"]
-    if cuda:  # MFU: 8 flops per token and weight (2 forward, 2 recompute, 4 backward): see README
-        emb, head = (
-            run.policy.get_input_embeddings().weight,
-            run.policy.get_output_embeddings().weight,
-        )
-        body = sum(p.numel() for p in run.policy.parameters()) - head.numel()
-        body -= 0 if emb is head else emb.numel()  # the embedding is a lookup, not a matmul
-        flops = 8 * (body * m_tokens + head.numel() * tokens * args.updates_per_batch)
-        res["mfu"] = flops / res["mstep_s"] / 989e12  # H100 SXM dense bf16 peak
+    if cuda:
+        res["mfu"] = mfu(run.policy, m_tokens, tokens * args.updates_per_batch, res["mstep_s"])
     res["greedy_equal"] = greedy_agreement(run, prompts[:32], min(T, 300))
     # --steps E-steps and M-steps of this shape (rows decoded to the cap: an upper bound)
     res["projected_run_h"] = (args.steps or 225) * (res["ours_s"] + res["mstep_s"]) / 3600
@@ -1567,6 +1572,29 @@ def benchmark(args):
                micro_batch_tokens=args.micro_batch_tokens)  # fmt: skip
     print(json.dumps(res))
     return res
+
+
+def mfu(policy, tokens, completion_tokens, seconds, peak=989e12):
+    """Model flops utilization against an H100's dense bf16 peak: 8 flops per token and weight (2
+    forward, 2 checkpointed recompute, 4 backward) for the decoder on every token, and for the vocab
+    projection on completion tokens only; the embedding is a lookup. Attention's own flops (a few %
+    at these lengths) are left out."""
+    emb, head = policy.get_input_embeddings().weight, policy.get_output_embeddings().weight
+    body = sum(p.numel() for p in policy.parameters()) - head.numel()
+    body -= 0 if emb is head else emb.numel()
+    return 8 * (body * tokens + head.numel() * completion_tokens) / seconds / peak
+
+
+def time_other_attention(run, prompts, n, T, res):
+    """The same E-step with decode_attention's 'matmul' kernel: which one to keep is the GPU's call."""
+    run.decoder.kv = run.decoder.valid = None  # one KV cache at a time
+    other = StaticDecoder(run.theta_star, run.decoder.compiled, attention="matmul")
+    step = lambda: sample(run.theta_star, prompts, n, T, set(), 0, 1.0, None, other)
+    timed(step, res, "matmul_first_s")
+    timed(step, res, "matmul_s")
+    res["matmul_tok_s"] = len(prompts) * n * T / res["matmul_s"]
+    other.kv = other.valid = None
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
 def greedy_agreement(run, prompts, T):

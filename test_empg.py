@@ -1399,3 +1399,25 @@ def test_an_unreachable_hub_is_one_warning_and_one_error_at_once(tmp_path, toy_j
     )
     assert lines[-1].startswith("empg: error: cannot load model 'Qwen/Qwen2.5-1.5B'")
     assert lines[-1].endswith("the hub is unreachable: pass a local dir")
+
+
+def test_decode_attention_kernels_agree():
+    g = torch.Generator().manual_seed(0)
+    q, K, V = (
+        torch.randn(3, 2, 4, 16, generator=g) for _ in range(3)
+    )  # 3 rows, 2 KV heads × 4 queries
+    K, V = (torch.randn(3, 2, 40, 16, generator=g) for _ in range(2))
+    valid = torch.rand(3, 40, generator=g) > 0.3
+    valid[:, 0] = True
+    a = empg.decode_attention(q, K, V, valid, 0.25, "sdpa")
+    b = empg.decode_attention(q, K, V, valid, 0.25, "matmul")
+    s = (q @ K.transpose(-1, -2) * 0.25).masked_fill(~valid[:, None, None], float("-inf"))
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(b, s.softmax(-1) @ V, atol=1e-5)
+    model, prompts = tiny_model(std=0.5), [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    want = empg.sample(model, prompts, 2, 20, {7}, 0, 0, decoder="static")
+    assert (
+        empg.sample(
+            model, prompts, 2, 20, {7}, 0, 0, decoder=empg.StaticDecoder(model, attention="matmul")
+        )
+        == want
+    )
