@@ -169,7 +169,7 @@ class PlainDecoder:
         self.mask, self.pos = mask.repeat_interleave(n, 0), pos[:, -1:].repeat_interleave(n, 0)
         return logits.repeat_interleave(n, 0)
 
-    def step(self, tok):
+    def decode(self, tok):
         self.pos = self.pos + 1
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(tok), 1)], 1)
         return self.model(tok[:, None], self.mask, self.pos, self.cache).logits[:, -1]
@@ -196,7 +196,7 @@ def sample(theta_star, prompts, n, max_new_tokens, eos_ids, pad_id, temperature=
         done |= torch.isin(tok, eos)
         if t == T - 1 or (t % 8 == 7 and done.all()):  # "all done?" costs a sync: every 8th token
             break
-        logits = decoder.step(tok)
+        logits = decoder.decode(tok)
     rows = out[:, : t + 1].tolist()
     return [r[: next((k + 1 for k, x in enumerate(r) if x in eos_ids), len(r))] for r in rows]
 
@@ -572,7 +572,7 @@ class StaticDecoder:
         self.col, self.filled = torch.full((1,), P - 1, device=ids.device), P - 1  # tensor, int
         return logits.repeat_interleave(n, 0)
 
-    def step(self, tok):
+    def decode(self, tok):
         self.pos += 1
         self.col += 1
         self.filled += 1
@@ -1555,8 +1555,8 @@ def benchmark(args):
     res.update(ours_tok_s=tokens / res["ours_s"], generate_tok_s=tokens / res["generate_s"],
                speedup=res["generate_s"] / res["ours_s"])  # fmt: skip
     reps, adv = [p for p in prompts for _ in range(n)], torch.randn(len(comps))
-    step = lambda: m_step(run.policy, run.opt, reps, comps, adv, args, None, run.autocast)
-    timed(step, res, "mstep_s", "peak_mem_gib")
+    mstep = lambda: m_step(run.policy, run.opt, reps, comps, adv, args, None, run.autocast)
+    timed(mstep, res, "mstep_s", "peak_mem_gib")
     m_tokens = (sum(map(len, reps)) + tokens) * args.updates_per_batch
     res["mstep_tok_s"] = m_tokens / res["mstep_s"]
     if cuda:
@@ -1589,9 +1589,9 @@ def time_other_attention(run, prompts, n, T, res):
     """The same E-step with decode_attention's 'matmul' kernel: which one to keep is the GPU's call."""
     run.decoder.kv = run.decoder.valid = None  # one KV cache at a time
     other = StaticDecoder(run.theta_star, run.decoder.compiled, attention="matmul")
-    step = lambda: sample(run.theta_star, prompts, n, T, set(), 0, 1.0, None, other)
-    timed(step, res, "matmul_first_s")
-    timed(step, res, "matmul_s")
+    estep = lambda: sample(run.theta_star, prompts, n, T, set(), 0, 1.0, None, other)
+    timed(estep, res, "matmul_first_s")
+    timed(estep, res, "matmul_s")
     res["matmul_tok_s"] = len(prompts) * n * T / res["matmul_s"]
     other.kv = other.valid = None
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
