@@ -132,11 +132,11 @@ def gsm8k_reward(completion, answer):
     return float(hash_answer(completion) == final_answer(answer).replace(",", ""))
 
 
-def math_reward(completion, answer):
+def math_reward(completion, answer, verify=True):
     """1.0 iff the extracted answer (last \\boxed{} → '####' → last number) is math-verify-equal
-    to the reference; a grader error or time-out counts as wrong."""
+    to the reference; a grader error or time-out counts as wrong (verify=False: equal strings)."""
     pred = extract_answer(completion)
-    return float(pred is not None and answers_equal(pred, final_answer(answer)))
+    return float(pred is not None and answers_equal(pred, final_answer(answer), verify))
 
 
 REWARDS = {"gsm8k": gsm8k_reward, "math": math_reward}
@@ -1038,11 +1038,11 @@ def extract_answer(completion):
     return last_boxed(completion) or (m and m.group(1).replace(",", "")) or last_number(completion)
 
 
-def grade(completion, answer, task):
+def grade(completion, answer, task, verify=True):
     """One completion's test-score grade, for the in-run evaluation and eval.py alike: `correct` is
     the training reward's rule, `lenient` the free-form cascade (on GSM8K their gap is format
     learning); `extracted` is what `correct` read, so that maj@k votes by the same rule."""
-    lenient = bool(math_reward(completion, answer))
+    lenient = bool(math_reward(completion, answer, verify))
     if task == "gsm8k":
         return dict(
             extracted=hash_answer(completion),
@@ -1082,11 +1082,11 @@ def _parse(s):
     return parse(f"\\boxed{{{s}}}", parsing_timeout=5)
 
 
-def answers_equal(pred, ref):
+def answers_equal(pred, ref, verify=True):
     """math-verify equivalence (parse 5 s + verify 5 s at most); an error or time-out is 'not
-    equal'."""
-    if pred.strip() == ref.strip():
-        return True
+    equal'. verify=False: equal strings only."""
+    if pred.strip() == ref.strip() or not verify:
+        return pred.strip() == ref.strip()
     try:
         from math_verify import verify
 

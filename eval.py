@@ -34,7 +34,8 @@ _MARKER_RE = {
     k: [re.compile(r"(?<!\w)" + re.escape(p) + (r"(?!\w)" if p[-1].isalnum() else "")) for p in v]
     for k, v in MARKERS.items()
 }
-MAJ_BUDGET_S = 30  # per problem: past it, maj@k stops asking math-verify and compares strings only
+# per problem: past these, grading and maj@k stop asking math-verify and compare strings only
+GRADE_BUDGET_S, MAJ_BUDGET_S = 60, 30
 
 
 def count_markers(text):
@@ -49,10 +50,10 @@ def pass_at_k(n, c, k):
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def majority_vote(answers, same=empg.answers_equal, budget_s=MAJ_BUDGET_S):
+def majority_vote(answers, same=empg.answers_equal, budget_s=None):
     """The most frequent answer up to equivalence (None abstains); ties go to the answer seen first.
     Equal strings never reach `same`; after budget_s seconds only equal strings count as one."""
-    groups, t0 = [], time.time()  # [representative, count]
+    groups, t0, budget_s = [], time.time(), MAJ_BUDGET_S if budget_s is None else budget_s
     for a in answers:
         if a is None:
             continue
@@ -66,10 +67,12 @@ def majority_vote(answers, same=empg.answers_equal, budget_s=MAJ_BUDGET_S):
 
 
 def score_problem(question, answer, completions, task, lengths=None, truncated=None, k=None):
-    """Grades, pass@k and maj@k for one problem. maj@k votes with the rule accuracy uses: for GSM8K
-    the strict '#### n' answers, compared as strings; for MATH, math-verify equivalence."""
-    k, ref = k or len(completions), empg.final_answer(answer)
-    grades = [grade(c, answer, task) for c in completions]
+    """Grades, pass@k and maj@k for one problem, in bounded time (GRADE_BUDGET_S, MAJ_BUDGET_S).
+    maj@k votes with the rule accuracy uses: for GSM8K the strict '#### n' answers, compared as
+    strings; for MATH, math-verify equivalence."""
+    k, ref, t0, grades = k or len(completions), empg.final_answer(answer), time.time(), []
+    for c in completions:  # past the problem's budget, equal strings only: no math-verify pile-up
+        grades.append(grade(c, answer, task, verify=time.time() - t0 < GRADE_BUDGET_S))
     if task == "gsm8k":
         ref = ref.replace(",", "")
         maj = majority_vote([g["extracted"] for g in grades], same=lambda x, y: x == y)

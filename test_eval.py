@@ -285,3 +285,25 @@ def test_output_dir_is_checked_before_any_work(tmp_path, capsys):
 def test_help_shows_defaults():
     r = run_cli("--help", script="eval.py")
     assert r.returncode == 0 and "(default: 1024)" in r.stdout and "(default: gsm8k)" in r.stdout
+
+
+def test_grading_one_problem_keeps_to_its_budget(monkeypatch):
+    import math_verify
+
+    calls = []
+
+    def slow(*a, **k):
+        calls.append(1)
+        time.sleep(0.2)
+        return False
+
+    monkeypatch.setattr(math_verify, "verify", slow)
+    monkeypatch.setattr(ev, "GRADE_BUDGET_S", 0.1)
+    monkeypatch.setattr(ev, "MAJ_BUDGET_S", 0.1)
+    ev.empg._parse.cache_clear()
+    comps = [f"\\boxed{{\\frac{{{i}}}{{{i + 3}}}}}" for i in range(8)] + ["\\boxed{2}"]
+    r = ev.score_problem("q", "2", comps, "math")
+    # one verify in grading, one in maj@k (each budget then spent), one for the majority answer itself;
+    # without the budgets: 9 + 36 + 1
+    assert len(calls) == 3
+    assert r["correct"][-1] and not any(r["correct"][:-1])  # "2" still equals "2"
