@@ -304,6 +304,6 @@ def test_grading_one_problem_keeps_to_its_budget(monkeypatch):
     comps = [f"\\boxed{{\\frac{{{i}}}{{{i + 3}}}}}" for i in range(8)] + ["\\boxed{2}"]
     r = ev.score_problem("q", "2", comps, "math")
     # one verify in grading, one in maj@k (each budget then spent), one for the majority answer itself;
-    # without the budgets: 9 + 36 + 1
+    # without the budgets: 8 + 36 + 1
     assert len(calls) == 3
     assert r["correct"][-1] and not any(r["correct"][:-1])  # "2" still equals "2"
