@@ -106,8 +106,8 @@ def summarize(results, k, length_unit, settings):
              lenient_accuracy=lenient, lenient_accuracy_se=lenient_se, mean_length=mean(flat("lengths")),
              length_unit=length_unit, truncated_frac=mean(flat("truncated")))  # fmt: skip
     if k > 1:
-        s[f"pass@{k}"] = mean([r["pass_at_k"] for r in results])
-        s[f"maj@{k}"] = mean([r["maj_correct"] for r in results])
+        s[f"pass@{k}"], s[f"pass@{k}_se"] = mean_and_se([r["pass_at_k"] for r in results])
+        s[f"maj@{k}"], s[f"maj@{k}_se"] = mean_and_se([float(r["maj_correct"]) for r in results])
     for m in MARKERS:
         s[f"{m}_rate"] = mean([float(x[m] > 0) for x in flat("markers")])
     return s

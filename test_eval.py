@@ -95,6 +95,9 @@ def test_grade_file(tmp_path):
     )
     s = ev.main(["--grade", str(f), "--task", "math", "--output-dir", out])[str(f)]
     assert s["pass@3"] == 1.0 and s["maj@3"] == 0.5 and s["accuracy"] == pytest.approx(3 / 6)
+    assert s["pass@3_se"] == 0 and s["maj@3_se"] == pytest.approx(
+        0.5
+    )  # sqrt(0.5 / 2): s² = 0.5, n = 2
 
 
 def test_cli_on_tiny_models_writes_results(tmp_path):
