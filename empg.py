@@ -92,9 +92,7 @@ class Args:
     log_samples: int = arg(4, "completions per step written to samples.jsonl")
     resume: bool = arg(False, "continue the run in --output-dir from its latest checkpoint")
     overwrite: bool = arg(False, "delete what --output-dir holds and start afresh")
-    benchmark: bool = arg(
-        False, "time one E-step (and model.generate()) and one M-step; print JSON"
-    )
+    benchmark: bool = arg(False, "time an E-step (and generate()) and an M-step; print JSON")
 
 
 # The author's launched jobs (../shared/reference/paper.md; math-hard's 3072 is the paper's text,
