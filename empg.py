@@ -593,9 +593,17 @@ class StaticDecoder:
         M-step needed (measured; the first M-step assumes the worst). Kept, the next E-step reuses
         it and its graphs."""
         if self.valid is not None and self.valid.device.type == "cuda":
-            if torch.cuda.mem_get_info(self.valid.device)[0] < self.mstep_bytes:
+            dev = self.valid.device  # free = the device's, plus what torch holds cached but unused
+            free = torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev)
+            if free - torch.cuda.memory_allocated(dev) < self.mstep_bytes:
                 self.kv = self.valid = None
                 torch.cuda.empty_cache()
+                # graphs point into the cache, and a new cache every step would recompile them;
+                # the first M-step, not yet measured, frees it without that verdict
+                if self.compiled and math.isfinite(self.mstep_bytes):
+                    say("empg: warning: memory is short: the KV cache goes before each M-step and the "
+                        "decoder runs eagerly")  # fmt: skip
+                    self.compiled, self.fn = False, decode_step
             self.mstep_start = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
 
