@@ -373,7 +373,9 @@ AT_LEAST = dict(steps=1, prompts_per_step=1, num_samples=1, max_new_tokens=1, up
                 micro_batch_size=1, logprob_chunk=1, save_every=1, max_prompt_chars=0, beta=0,
                 entropy_coef=0, micro_batch_tokens=0, eval_every=0, eval_limit=0, log_samples=0,
                 seed=0)  # fmt: skip
-RESUMABLE = "steps save_every log_samples eval_every eval_limit resume overwrite".split()
+RESUMABLE = (
+    "steps save_every log_samples eval_every eval_limit eval_dataset resume overwrite".split()
+)
 
 
 def parse_args(argv=None):
