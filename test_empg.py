@@ -1076,28 +1076,6 @@ def test_cli_evaluates_during_the_run_and_resumes_the_eval_log(model_dir, toy_js
     assert summary["test_score_last10"] == pytest.approx(sum(e["test_score"] for e in ev) / 3)
     assert summary["step0_test_score"] == ev[0]["test_score"]
     assert f"test score (mean of the last 10 evals) {summary['test_score_last10']:.3f}" in r.stderr
-    # the in-run score is eval.py's score: the same sampler, grader and rows give the same number
-    import eval as ev_mod
-
-    s = ev_mod.main(
-        [
-            "--model",
-            os.path.join(out, "checkpoint-000004"),
-            "--dataset",
-            toy_jsonl,
-            "--limit",
-            "4",
-            "--max-new-tokens",
-            "6",
-            "--batch-size",
-            "6",
-            "--dtype",
-            "fp32",
-            "--output-dir",
-            str(tmp_path / "e"),
-        ]
-    )
-    assert next(iter(s.values()))["accuracy"] == pytest.approx(ev[-1]["test_score"])
 
 
 # ---------------------------------------------------------------- the main command's path (issue: the GPU run)
@@ -1421,3 +1399,33 @@ def test_decode_attention_kernels_agree():
         )
         == want
     )
+
+
+def test_the_in_run_score_is_eval_py_score(tmp_path):
+    """The toy of the README's quick start learns to a non-zero greedy score; eval.py on the same fp32
+    weights (the final master weights) gives the same number on the same rows."""
+    toy, out = os.path.join(HERE, "fixtures", "toy"), str(tmp_path / "o")
+    data = os.path.join(toy, "copy.jsonl")
+    argv = ["--model", toy, "--dataset", data, "--prompt-template", "{question}=", "--steps", "60",
+            "--prompts-per-step", "8", "--num-samples", "8", "--max-new-tokens", "2", "--lr", "3e-3",
+            "--eval-every", "30", "--eval-dataset", data, "--output-dir", out]  # fmt: skip
+    empg.train(empg.parse_args(argv))
+    final = read_jsonl(os.path.join(out, "eval.jsonl"))[-1]
+    assert final["step"] == 60 and final["test_score"] > 0
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(
+        os.path.join(out, "checkpoint-000060"), dtype=torch.float32
+    )
+    m.load_state_dict(
+        torch.load(os.path.join(out, "checkpoint-000060", "trainer_state.pt"), weights_only=False)[
+            "master"
+        ]
+    )
+    m.save_pretrained(str(tmp_path / "fp32"))
+    import eval as ev_mod
+
+    s = ev_mod.main(["--model", str(tmp_path / "fp32"), "--tokenizer", toy, "--dataset", data,
+                     "--prompt-template", "{question}=", "--max-new-tokens", "2", "--batch-size", "64",
+                     "--dtype", "fp32", "--output-dir", str(tmp_path / "e")])  # fmt: skip
+    assert next(iter(s.values()))["accuracy"] == pytest.approx(final["test_score"])
