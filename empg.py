@@ -296,27 +296,23 @@ def m_step(policy, opt, prompts, comps, adv, args, ref=None, autocast=contextlib
     loss is a mean over its sequences, weighted by its share of the batch: the sum is the batch
     mean, and the step does not depend on how the batch was cut (tested)."""
     dev, T, chunk, S = policy.device, args.temperature, args.logprob_chunk, len(comps)
+    adv, with_entropy = adv.to(dev), args.entropy_coef > 0
     mbs = micro_batches(prompts, comps, args.micro_batch_size, args.micro_batch_tokens)
     old = {}  # θ*'s log-probs for GRPO's ratio: the first pass runs at θ = θ*, so they are free
     policy.train()
     for _ in range(args.updates_per_batch):
         tot = dict(loss=0, kl=0, entropy=0, clip_frac=0)  # summed on the device: one sync a step
         for j, mb in enumerate(mbs):
-            ids, attn, cmask = collate(
-                [prompts[i] for i in mb], [comps[i] for i in mb], pad_id, dev
-            )
+            mb_prompts, mb_comps = [prompts[i] for i in mb], [comps[i] for i in mb]
+            ids, attn, cmask = collate(mb_prompts, mb_comps, pad_id, dev)
             with autocast():
-                logp, ent = completion_logprobs(
-                    policy, ids, attn, cmask, T, chunk, args.entropy_coef > 0
-                )
+                logp, ent = completion_logprobs(policy, ids, attn, cmask, T, chunk, with_entropy)
             ref_logp = None
             if ref is not None:
                 with torch.no_grad(), autocast():
                     ref_logp, _ = completion_logprobs(ref, ids, attn, cmask, T, chunk)
             old.setdefault(j, logp.detach())
-            loss, parts = micro_batch_loss(
-                logp, old[j], ref_logp, ent, cmask, adv[mb].to(dev), args
-            )
+            loss, parts = micro_batch_loss(logp, old[j], ref_logp, ent, cmask, adv[mb], args)
             (loss * len(mb) / S).backward()
             tot = {k: tot[k] + v * len(mb) / S for k, v in parts.items()}
         tot = {k: float(v) for k, v in tot.items()}
@@ -398,8 +394,8 @@ def parse_args(argv=None):
             die(f"{flag(k)} must be >= {least}")
     checks = [
         (0 < a.temperature <= 10, "--temperature must be in (0, 10]"),
-        (a.lr < 1 and a.weight_decay < 1, "--lr and --weight-decay must be in [0, 1)"),
-        (a.lr >= 0 and a.weight_decay >= 0, "--lr and --weight-decay must be in [0, 1)"),
+        (0 <= a.lr < 1, "--lr must be in [0, 1)"),
+        (0 <= a.weight_decay < 1, "--weight-decay must be in [0, 1)"),
         (a.grad_clip > 0, "--grad-clip must be > 0"),
         (0 < a.clip_eps < 1, "--clip-eps must be in (0, 1)"),
         (a.seed < 2**31, "--seed must be below 2^31"),
@@ -462,12 +458,10 @@ def make_decoder(model, flag="auto", master_dtype="fp32"):
         flag = "static" if model.device.type != "cuda" or master_dtype == "bf16" else "compiled"
         flag = flag if ours else "hf"
     if flag != "hf" and not ours:
-        die(
-            f"--sampler {flag} knows qwen2/llama without sliding window, not {c.model_type!r}: use hf"
-        )
-    return (
-        PlainDecoder(model) if flag == "hf" else StaticDecoder(model, compiled=flag == "compiled")
-    )
+        die(f"--sampler {flag} knows qwen2/llama without a sliding window, not {c.model_type}")
+    if flag == "hf":
+        return PlainDecoder(model)
+    return StaticDecoder(model, compiled=flag == "compiled")
 
 
 def left_pad(seqs, pad_id, device):
@@ -536,7 +530,7 @@ class StaticDecoder:
             kw = dict(mode="reduce-overhead", fullgraph=True, dynamic=False)
             self.fn = torch.compile(decode_step, **kw)
         # what the last M-step needed beyond what it started with (CUDA; first: assume the worst)
-        self.mstep_bytes = math.inf
+        self.mstep_bytes, self.mstep_start = math.inf, None
 
     def allocate(self, rows, length, like):
         if self.valid is not None and self.valid.shape[0] == rows and self.valid.shape[1] >= length:
@@ -562,9 +556,7 @@ class StaticDecoder:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = self.model(ids, mask, pos, cache, logits_to_keep=1).logits[:, -1]
         self.allocate(B * n, P + max_new_tokens, cache.layers[0].keys)
-        for (K, V), layer in zip(
-            self.kv, cache.layers
-        ):  # each prompt prefilled once, copied to n rows
+        for (K, V), layer in zip(self.kv, cache.layers):  # prefilled once, copied to n rows
             K[:, :, :P] = layer.keys.repeat_interleave(n, 0)
             V[:, :, :P] = layer.values.repeat_interleave(n, 0)
         self.valid.zero_()[:, :P] = mask.bool().repeat_interleave(n, 0)
@@ -610,7 +602,7 @@ class StaticDecoder:
             torch.cuda.reset_peak_memory_stats()
 
     def measure_mstep(self):
-        if getattr(self, "mstep_start", None) is not None:
+        if self.mstep_start is not None:
             self.mstep_bytes = 1.1 * (torch.cuda.max_memory_allocated() - self.mstep_start)
 
 
@@ -628,21 +620,11 @@ def vocab_logprobs(h, y, weight, temperature, chunk, with_entropy):
     """(N, 1 or 2): log p(y) [and the entropy] from final hidden states h (N, D), the vocab
     projection and its logsumexp `chunk` tokens at a time and recomputed in backward: never the (N ×
     vocab) fp32 logits at once."""
-    parts = [
-        checkpoint(
-            _chunk_logprobs,
-            h[i : i + chunk],
-            y[i : i + chunk],
-            weight,
-            temperature,
-            with_entropy,
-            use_reentrant=False,
-        )
-        for i in range(0, len(y), chunk)
-    ]
-    return (
-        torch.cat(parts) if parts else h.new_zeros(0, 2 if with_entropy else 1, dtype=torch.float32)
-    )
+    scored = lambda i: checkpoint(
+        _chunk_logprobs, h[i : i + chunk], y[i : i + chunk], weight, temperature, with_entropy,
+        use_reentrant=False)  # fmt: skip
+    parts = [scored(i) for i in range(0, len(y), chunk)]
+    return torch.cat(parts) if parts else h.new_zeros(0, 1 + with_entropy, dtype=torch.float32)
 
 
 def collate(prompts, completions, pad_id, device):
@@ -687,9 +669,8 @@ def same_count_on_all_ranks(mbs):
 def stochastic_round(x, generator=None):
     """fp32 → bf16, rounding up with probability equal to the remainder, so E[result] = x. bf16 is
     the top half of an fp32's bits: add uniform noise to the 16 bits that get cut, then cut them."""
-    noise = torch.randint(
-        0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator
-    )
+    kw = dict(dtype=torch.int32, device=x.device, generator=generator)
+    noise = torch.randint(0, 1 << 16, x.shape, **kw)
     return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
@@ -1493,7 +1474,6 @@ def save_checkpoint(run, step):
                     and os.path.exists(p)
                 ):
                     os.remove(p)
-            run.saved = step
     run.saved = step
     if dist.is_initialized():
         dist.barrier()

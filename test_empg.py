@@ -789,7 +789,14 @@ def test_bad_model_path_from_the_shell(toy_jsonl, tmp_path):
 
 
 # ---------------------------------------------------------------- many processes: torchrun + FSDP2 on CPU (gloo)
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+TORCHRUN = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc-per-node",
+    "2",
+]  # a free port each
 FIXED = dict(
     prompts=[[5, 6], [7, 8, 9], [5, 6], [10, 11, 12, 13]],
     comps=[[10, 11, 0], [12], [13, 14], [15, 16, 17, 0]],

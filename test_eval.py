@@ -100,13 +100,19 @@ def test_grade_file(tmp_path):
     )  # sqrt(0.5 / 2): s² = 0.5, n = 2
 
 
-def test_cli_on_tiny_models_writes_results(tmp_path):
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+def two_models_and_problems(tmp_path, a, b, n):
+    """Two different tiny models at tmp_path/a and tmp_path/b, and n problems "d+1" → d + 1."""
+    a, b = str(tmp_path / a), str(tmp_path / b)
     tiny_model(a, std=0.3), tiny_model(b, std=0.3, seed=1)
     data = tmp_path / "p.jsonl"
     data.write_text(
-        "".join(json.dumps({"question": f"{d}+1", "answer": str(d + 1)}) + "\n" for d in range(5))
+        "".join(json.dumps({"question": f"{d}+1", "answer": str(d + 1)}) + "\n" for d in range(n))
     )
+    return a, b, data
+
+
+def test_cli_on_tiny_models_writes_results(tmp_path):
+    a, b, data = two_models_and_problems(tmp_path, "a", "b", 5)
     out = str(tmp_path / "o")
     r = run_cli(
         "--model",
@@ -216,14 +222,8 @@ def test_labels_tell_same_named_checkpoints_apart(tmp_path):
 
 
 def test_cli_compares_checkpoints_with_the_same_name(tmp_path):
-    a, b = (
-        str(tmp_path / "run-a" / "checkpoint-000002"),
-        str(tmp_path / "run-b" / "checkpoint-000002"),
-    )
-    tiny_model(a, std=0.3), tiny_model(b, std=0.3, seed=1)
-    data = tmp_path / "p.jsonl"
-    data.write_text(
-        "".join(json.dumps({"question": f"{d}+1", "answer": str(d + 1)}) + "\n" for d in range(3))
+    a, b, data = two_models_and_problems(
+        tmp_path, "run-a/checkpoint-000002", "run-b/checkpoint-000002", 3
     )
     out = str(tmp_path / "o")
     r = run_cli(
