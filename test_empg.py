@@ -822,6 +822,8 @@ if rank == 0:
     torch.save(dict(sd=sd, adv=adv), {out!r})
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()  # exiting with a live gloo group can abort the process
+import os
+os._exit(0)  # and gloo's threads can still abort at interpreter teardown ("terminate called ...")
 """
 
 
