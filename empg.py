@@ -447,11 +447,13 @@ import argparse, contextlib, dataclasses, functools, json, os, pickle, shutil, s
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-PROG = "empg"  # eval.py passes "eval": errors name the program the user ran
+PROG = "empg"
 
 
 # ---- The command line: a flag per Args field, presets resolved, every number checked up front
 def parse_args(argv=None, spec=Args, prog=None):
+    global PROG
+    PROG = prog or PROG  # errors name the program the user ran
     fields = dataclasses.fields(spec)
     note = "--resume keeps the run's flags, but for " if spec is Args else ""
     note += ", ".join(flag(f.name) for f in fields if f.metadata["resume"] and note)

@@ -9,12 +9,13 @@ reasoning behaviour.
 Data, prompts, the prompt filter, graders and the sampler are empg.py's own, imported, never copied:
 the numbers here are the trainer's in-run test score, computed the same way."""
 
-import argparse, json, math, os, re, sys, time
+import json, math, os, re, sys, time
+from dataclasses import dataclass
 
 import torch
 
 import empg
-from empg import die, grade
+from empg import arg, die, grade
 
 # Behaviour markers: a LEXICAL PROXY for the paper's emergent behaviours (§5), counts of phrases,
 # not a judgment of whether the model really verified or backtracked. Matched case-insensitively.
@@ -30,7 +31,7 @@ MARKERS = {
     "backward_chaining": ["working backwards", "work backwards", "working backward", "work backward",
                           "starting from the answer", "start from the answer"],
 }  # fmt: skip
-_MARKER_RE = {
+MARKER_RES = {
     k: [re.compile(r"(?<!\w)" + re.escape(p) + (r"(?!\w)" if p[-1].isalnum() else "")) for p in v]
     for k, v in MARKERS.items()
 }
@@ -38,9 +39,36 @@ _MARKER_RE = {
 GRADE_BUDGET_S, MAJ_BUDGET_S = 60, 30
 
 
+@dataclass
+class EvalArgs:
+    model: list = arg((), "hub name or checkpoint dir; repeat to compare")
+    tokenizer: str = arg("", "tokenizer (default: the model's own)")
+    dataset: str = arg(
+        "gsm8k", "gsm8k, math500 (MATH-500: math-hard's test set), math-hard-l5, or a .jsonl"
+    )
+    data_dir: str = arg("", "local folder laid out like ../shared/data (default: the hub)")
+    prompt_template: str = arg("", "prompt with a {question} placeholder (default: the dataset's)")
+    max_prompt_chars: int = arg(
+        -1, "drop longer prompts (-1: empg's preset; 0: keep all)", bounds="[-1, inf)"
+    )
+    stop_at_im_end: bool = arg(False, "end completions at <|im_end|> too (empg's flag)")
+    limit: int = arg(0, "the first N problems only (0: all)", bounds="[0, inf)")
+    num_samples: int = arg(1, "k samples per problem (pass@k, maj@k when k > 1)", bounds="[1, inf)")
+    temperature: float = arg(0.0, "0 = greedy (the paper's test score)", bounds="[0, 10]")
+    max_new_tokens: int = arg(1024, "completion length cap", bounds="[1, inf)")
+    batch_size: int = arg(32, "problems per sampler call", bounds="[1, inf)")
+    seed: int = arg(0, "sampling seed", bounds="[0, 2147483647]")
+    sampler: str = arg("auto", "decode loop (empg's make_decoder)", "auto compiled static hf")
+    device: str = arg("auto", "auto, cuda, cuda:N or cpu")
+    dtype: str = arg("auto", "auto: bf16 on CUDA", "auto bf16 fp32")
+    output_dir: str = arg("", "default: eval_runs/<dataset>")
+    grade: str = arg("", "grade a JSONL of {completion(s), answer} instead of sampling")
+    task: str = arg("math", "grader for --grade", "gsm8k math")
+
+
 def count_markers(text):
     t = text.lower()
-    return {k: sum(len(r.findall(t)) for r in rs) for k, rs in _MARKER_RE.items()}
+    return {k: sum(len(r.findall(t)) for r in rs) for k, rs in MARKER_RES.items()}
 
 
 def pass_at_k(n, c, k):
@@ -54,9 +82,7 @@ def majority_vote(answers, same=empg.answers_equal, budget_s=None):
     """The most frequent answer up to equivalence (None abstains); ties go to the answer seen first.
     Equal strings never reach `same`; after budget_s seconds only equal strings count as one."""
     groups, t0, budget_s = [], time.time(), MAJ_BUDGET_S if budget_s is None else budget_s
-    for a in answers:
-        if a is None:
-            continue
+    for a in (a for a in answers if a is not None):
         for g in groups:
             if g[0] == a or (time.time() - t0 < budget_s and same(g[0], a)):
                 g[1] += 1
@@ -73,19 +99,21 @@ def score_problem(question, answer, completions, task, lengths=None, truncated=N
     k, ref, t0, grades = k or len(completions), empg.final_answer(answer), time.time(), []
     for c in completions:  # past the problem's budget, equal strings only: no math-verify pile-up
         grades.append(grade(c, answer, task, verify=time.time() - t0 < GRADE_BUDGET_S))
+    extracted = [g["extracted"] for g in grades]
     if task == "gsm8k":
         ref = ref.replace(",", "")
-        maj = majority_vote([g["extracted"] for g in grades], same=lambda x, y: x == y)
+        maj = majority_vote(extracted, same=str.__eq__)
+        maj_ok = maj == ref
     else:
-        maj = majority_vote([g["extracted"] for g in grades])
-    maj_ok = maj is not None and (maj == ref if task == "gsm8k" else empg.answers_equal(maj, ref))
-    return dict(question=question, answer=ref, completions=completions,
-                extracted=[g["extracted"] for g in grades], correct=[g["correct"] for g in grades],
-                lenient=[g["lenient"] for g in grades], lengths=lengths or [len(c) for c in completions],
+        maj = majority_vote(extracted)
+        maj_ok = maj is not None and empg.answers_equal(maj, ref)
+    correct = [g["correct"] for g in grades]
+    return dict(question=question, answer=ref, completions=completions, extracted=extracted,
+                correct=correct, lenient=[g["lenient"] for g in grades],
+                lengths=lengths or [len(c) for c in completions],
                 truncated=truncated or [False] * len(completions),
                 markers=[count_markers(c) for c in completions],
-                pass_at_k=pass_at_k(len(grades), sum(g["correct"] for g in grades), k),
-                maj_correct=maj_ok, maj_answer=maj)  # fmt: skip
+                pass_at_k=pass_at_k(len(grades), sum(correct), k), maj_correct=maj_ok, maj_answer=maj)  # fmt: skip
 
 
 def mean_and_se(per_problem):
@@ -113,32 +141,30 @@ def summarize(results, k, length_unit, settings):
     return s
 
 
-def generate(model_name, rows, task, template, args):
-    """Completions (k per problem) from empg's own sampler; greedy at temperature 0. Batches are
-    padded to --batch-size, so the decoder keeps one KV cache (and its compiled graphs)."""
+def sample_and_score(model_name, label, rows, task, template, args):
+    """k completions a problem from empg's own sampler (greedy at temperature 0), each problem
+    scored by score_problem. Batches are padded to --batch-size: one KV cache (and graph set)."""
+    from tqdm import tqdm
+
     dev, dtype = empg.device_and_dtype(args)
     model = empg.load_model(model_name, dev, dtype, insist_cpu=args.device == "cpu").eval()
     tok = empg.load_tokenizer(args.tokenizer or model_name)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    eos = empg.stop_ids(tok, model, template)
+    eos = empg.stop_ids(tok, model, template, args.stop_at_im_end)
     rows = empg.prepare(rows, tok, template, 0, model, args.max_new_tokens, "test")
     decoder = empg.make_decoder(model, args.sampler)
-    from tqdm import tqdm
-
-    out, bar = [], tqdm(total=len(rows), desc=label_of(model_name), dynamic_ncols=True)
+    out, bar = [], tqdm(total=len(rows), desc=label, dynamic_ncols=True)
     g, B, n = torch.Generator(dev).manual_seed(args.seed), args.batch_size, args.num_samples
     for i in range(0, len(rows), B):
         batch = rows[i : i + B]
         prompts = [r["ids"] for r in batch] + [batch[-1]["ids"]] * (B - len(batch))
-        comps = empg.sample(model, prompts, n, args.max_new_tokens, eos, pad, args.temperature, g,
-                            decoder)[: len(batch) * n]  # fmt: skip
+        comps = empg.sample(decoder, prompts, n, args.max_new_tokens, eos, tok.pad_token_id,
+                            args.temperature, g)[: len(batch) * n]  # fmt: skip
         texts = tok.batch_decode(comps, skip_special_tokens=True)
         for j, r in enumerate(batch):
             cs, ts = comps[j * n : (j + 1) * n], texts[j * n : (j + 1) * n]
             cut = [len(c) == args.max_new_tokens and c[-1] not in eos for c in cs]
-            out.append(
-                score_problem(r["question"], r["answer"], ts, task, [len(c) for c in cs], cut)
-            )
+            lengths = [len(c) for c in cs]
+            out.append(score_problem(r["question"], r["answer"], ts, task, lengths, cut))
         bar.update(len(batch))
         bar.set_postfix(acc=f"{sum(x for r in out for x in r['correct']) / (len(out) * n):.3f}")
     bar.close()
@@ -149,19 +175,15 @@ def load_graded_rows(path):
     rows = []
     for n, r in empg.read_jsonl(path):
         c = r.get("completion", r.get("completions"))
-        ok = isinstance(c, str) or (
+        c = [c] if isinstance(c, str) else c
+        if "answer" not in r or not (
             isinstance(c, list) and c and all(isinstance(x, str) for x in c)
-        )
-        if "answer" not in r or not ok:
+        ):
             die(f"{path}:{n} needs 'completion' (a string or a list of strings) and 'answer'")
-        rows.append((r.get("question", ""), str(r["answer"]), [c] if isinstance(c, str) else c))
+        rows.append((r.get("question", ""), str(r["answer"]), c))
     if len({len(c) for _, _, c in rows}) > 1:
         die(f"{path}: every row must have the same number of completions")
     return rows
-
-
-def label_of(name):
-    return os.path.basename(name.rstrip("/")) or name
 
 
 def labels(names):
@@ -180,166 +202,71 @@ def table(summaries, names):
     skip = ("model", "dataset", "problems", "samples_per_problem", "length_unit", "temperature",
             "max_new_tokens", "max_prompt_chars")  # fmt: skip
     keys = [k for k in next(iter(summaries.values())) if k not in skip and not k.endswith("_se")]
-    w = max(map(len, keys))
-    cols = [max(9, len(names[m])) for m in summaries]
-    fmt = lambda k, v: f"{v:.1f}" if k == "mean_length" else f"{v:.3f}"
-    se = lambda s, k: f" ±{s[k + '_se']:.3f}" if k + "_se" in s else ""
-    cells = {m: {k: fmt(k, s[k]) + se(s, k) for k in keys} for m, s in summaries.items()}
-    cols = [max(c, *(len(cells[m][k]) for k in keys)) for c, m in zip(cols, summaries)]
-    head = " ".join([f"{'':<{w}}"] + [f"{names[m]:>{c}}" for m, c in zip(summaries, cols)])
-    lines = [head, "-" * len(head)]
-    for k in keys:
-        lines.append(
-            " ".join([f"{k:<{w}}"] + [f"{cells[m][k]:>{c}}" for m, c in zip(summaries, cols)])
-        )
-    return "\n".join(lines)
-
-
-def parse_args(argv=None):
-    fmt = type(
-        "F", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {}
+    cell = lambda s, k: (
+        (f"{s[k]:.1f}" if k == "mean_length" else f"{s[k]:.3f}")
+        + (f" ±{s[k + '_se']:.3f}" if k + "_se" in s else "")
     )
-    p = argparse.ArgumentParser(prog="eval.py", description=__doc__, formatter_class=fmt)
-    p.error, add = (lambda msg: die(msg)), p.add_argument
-    add(
-        "--model", action="append", default=[], help="hub name or checkpoint dir; repeat to compare"
-    )
-    add("--tokenizer", default="", help="tokenizer (default: the model's own)")
-    add(
-        "--dataset",
-        default="gsm8k",
-        help="gsm8k | math500 | math-hard (= MATH-500) | math-hard-l5 | PATH.jsonl",
-    )
-    add(
-        "--data-dir",
-        default="",
-        help="local folder laid out like ../shared/data (default: the hub)",
-    )
-    add(
-        "--prompt-template",
-        default="",
-        help="prompt with a {question} placeholder (default: the dataset's)",
-    )
-    add("--max-prompt-chars", type=int, default=-1, help="drop longer prompts (-1: the author's filter, "
-        "512 for gsm8k, 1024 for MATH, as in empg.py; 0: keep all)")  # fmt: skip
-    add("--limit", type=int, default=0, help="the first N problems only (0: all)")
-    add(
-        "--num-samples",
-        type=int,
-        default=1,
-        help="k samples per problem (pass@k, maj@k when k > 1)",
-    )
-    add("--temperature", type=float, default=0.0, help="0 = greedy (the paper's test score)")
-    add("--max-new-tokens", type=int, default=1024, help="completion length cap")
-    add("--batch-size", type=int, default=32, help="problems per sampler call")
-    add("--seed", type=int, default=0, help="sampling seed")
-    add(
-        "--sampler",
-        default="auto",
-        choices=["auto", "compiled", "static", "hf"],
-        help="decode loop",
-    )
-    add("--device", default="auto", help="auto | cuda | cuda:N | cpu")
-    add("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on CUDA")
-    add("--output-dir", default="", help="default: eval_runs/<dataset>")
-    add("--grade", default="", help="grade a JSONL of {completion(s), answer} instead of sampling")
-    add("--task", default="math", choices=["gsm8k", "math"], help="grader for --grade")
-    a = p.parse_args(argv)
-    checks = [
-        (a.num_samples >= 1, "--num-samples must be >= 1"),
-        (
-            a.batch_size >= 1 and a.max_new_tokens >= 1,
-            "--batch-size and --max-new-tokens must be >= 1",
-        ),
-        (
-            a.limit >= 0 and a.max_prompt_chars >= -1,
-            "--limit must be >= 0, --max-prompt-chars >= -1",
-        ),
-        (
-            math.isfinite(a.temperature) and 0 <= a.temperature <= 10,
-            "--temperature must be in [0, 10]",
-        ),
-        (
-            a.num_samples == 1 or a.temperature > 0,
-            "--num-samples > 1 needs --temperature > 0 (e.g. 1.0)",
-        ),
-        (
-            re.fullmatch(r"auto|cpu|cuda(:\d+)?", a.device),
-            "--device must be auto, cpu, cuda or cuda:N",
-        ),
-        (bool(a.grade) or bool(a.model), "give --model (one or more) or --grade FILE.jsonl"),
-        (len(set(a.model)) == len(a.model), "the same --model twice"),
+    cols = [[names[m]] + [cell(s, k) for k in keys] for m, s in summaries.items()]
+    widths, left = [max(9, *map(len, c)) for c in cols], max(map(len, keys))
+    lines = [
+        " ".join([f"{k:<{left}}"] + [f"{c[i]:>{w}}" for c, w in zip(cols, widths)])
+        for i, k in enumerate(["", *keys])
     ]
-    for ok, msg in checks:
-        if not ok:
-            die(msg)
-    return a
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
 def writable_dir(path):
     """Created and tested before any work: a read-only or misspelled path fails now, not after hours."""
     try:
         os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, ".write-test"), "w") as f:
-            f.write("ok")
+        open(os.path.join(path, ".write-test"), "w").close()
         os.remove(os.path.join(path, ".write-test"))
     except OSError as e:
         die(f"cannot write to --output-dir {path}: {e.strerror}")
     return path
 
 
-def write_json(path, obj, lines=False):
-    text = "".join(json.dumps(r) + "\n" for r in obj) if lines else json.dumps(obj, indent=1)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def main(argv=None):
-    prog, empg.PROG = empg.PROG, "eval"  # errors from empg's loaders name this program
-    try:
-        return evaluate_all(parse_args(argv))
-    finally:
-        empg.PROG = prog
-
-
-def evaluate_all(args):
+    args = empg.parse_args(argv, EvalArgs, prog="eval")
+    if args.num_samples > 1 and args.temperature == 0:
+        die("--num-samples > 1 needs --temperature > 0 (e.g. 1.0)")
+    if not (args.grade or args.model) or len(set(args.model)) < len(args.model):
+        die("give --model (one or more, each once) or --grade FILE.jsonl")
     name = os.path.basename(args.grade or args.dataset).replace(".jsonl", "")
     out_dir = writable_dir(args.output_dir or os.path.join("eval_runs", name))
-    per_model, settings = {}, {}
+    results, settings = {}, {}
     if args.grade:
         rows = load_graded_rows(args.grade)
         k, unit = len(rows[0][2]), "chars"
-        per_model[args.grade] = [score_problem(q, a, cs, args.task, k=k) for q, a, cs in rows]
+        results[args.grade] = [score_problem(q, a, cs, args.task, k=k) for q, a, cs in rows]
         settings[args.grade] = dict(model=args.grade, dataset=args.grade)
     else:
         rows, task = empg.load_problems(args.dataset, "test", args.data_dir)
         template = args.prompt_template or empg.default_template(args.dataset, task)
         chars = args.max_prompt_chars
-        if chars < 0:
+        if chars < 0 and not args.dataset.endswith(".jsonl"):
             chars = empg.PRESETS["gsm8k" if task == "gsm8k" else "math-hard"]["max_prompt_chars"]
-            chars = 0 if args.dataset.endswith(".jsonl") else chars
-        rows = empg.keep_short(rows, template, chars)
-        rows = rows[: args.limit or None]
+        rows = empg.keep_short(rows, template, max(chars, 0))[: args.limit or None]
         if not rows:
             die(f"no {args.dataset} problem is left after --max-prompt-chars {chars} and --limit")
         k, unit = args.num_samples, "tokens"
-        for m in args.model:
+        for m, label in labels(args.model).items():
             t0 = time.time()
-            per_model[m] = generate(m, rows, task, template, args)
+            results[m] = sample_and_score(m, label, rows, task, template, args)
             print(f"eval: {m}: {len(rows)} problems in {time.time() - t0:.1f}s", file=sys.stderr)
             settings[m] = dict(model=m, dataset=args.dataset, temperature=args.temperature,
                                max_new_tokens=args.max_new_tokens, max_prompt_chars=chars)  # fmt: skip
-    names, summaries = labels(list(per_model)), {}
-    for m, results in per_model.items():
-        d = os.path.join(out_dir, names[m]) if len(per_model) > 1 else out_dir
+    names = labels(list(results))
+    summaries = {m: summarize(r, k, unit, settings[m]) for m, r in results.items()}
+    for m, r in results.items():
+        d = os.path.join(out_dir, names[m]) if len(results) > 1 else out_dir
         os.makedirs(d, exist_ok=True)
-        summaries[m] = summarize(results, k, unit, settings[m])
-        write_json(os.path.join(d, "results.jsonl"), results, lines=True)
-        write_json(os.path.join(d, "summary.json"), summaries[m])
-    write_json(
-        os.path.join(out_dir, "summary.json"), summaries if len(summaries) > 1 else summaries[m]
-    )
+        empg.write_atomic(
+            os.path.join(d, "results.jsonl"), "".join(json.dumps(x) + "\n" for x in r)
+        )
+        empg.write_atomic(os.path.join(d, "summary.json"), json.dumps(summaries[m], indent=1))
+    one = next(iter(summaries.values())) if len(summaries) == 1 else summaries
+    empg.write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(one, indent=1))
     print(table(summaries, names))
     print(json.dumps(summaries))
     return summaries
