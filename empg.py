@@ -27,9 +27,8 @@ import torch.nn.functional as F
 # ==================================================================================================
 
 
-# ---- Arguments: one line a flag (`--help`, args.json and --resume's check come from it)
-def arg(default, help, choices="", bounds="", resume=False):
-    """bounds: an interval such as "[1, inf)"; resume: the flag may change on --resume."""
+# ---- Arguments: one line a flag gives it --help, args.json, a bound and the --resume check
+def arg(default, help, choices="", bounds="[0, inf)", resume=False):
     kind = type(default) if default is not None else int  # None: the dataset's preset (PRESETS)
     meta = dict(help=help, choices=choices.split(), kind=kind, bounds=bounds, resume=resume)
     return field(default=default, metadata=meta)
@@ -39,19 +38,10 @@ def arg(default, help, choices="", bounds="", resume=False):
 class Args:
     # algorithm
     algo: str = arg("empg", "empg (Eq. 12), or grpo (the paper's comparator)", "empg grpo")
-    reward_norm: str = arg(
-        "token",
-        "R̃'s μ, σ over: response tokens (author's code), responses (paper's text), each prompt's "
-        "N, or none (R̃ = R)",
-        "token batch group none",
-    )
+    reward_norm: str = arg("token", "R̃'s μ, σ over (sigmoid_normalize)", "token batch group none")
     baseline: str = arg("half", "b in A = 2(R̃ − b): ½ (author's 2σ(z) − 1) or mean R̃", "half mean")
-    beta: float = arg(
-        0.0, "β · KL(πθ‖π_init), k3 (author's 1.5B GSM8K job: 0.001)", bounds="[0, inf)"
-    )
-    entropy_coef: float = arg(
-        0.0, "entropy bonus (author's 1.5B GSM8K job: 0.001)", bounds="[0, inf)"
-    )
+    beta: float = arg(0.0, "β · KL(πθ‖π_init), k3 (author's 1.5B GSM8K job: 0.001)")
+    entropy_coef: float = arg(0.0, "entropy bonus (author's 1.5B GSM8K job: 0.001)")
     clip_eps: float = arg(0.2, "PPO clip ε (grpo only)", bounds="(0, 1)")
     updates_per_batch: int = arg(1, "optimizer steps per E-step (paper: 1)", bounds="[1, inf)")
     # data and E-step
@@ -60,27 +50,15 @@ class Args:
     dataset: str = arg("gsm8k", "gsm8k, math-hard, or a .jsonl of {question, answer} rows")
     data_dir: str = arg("", "local folder laid out like ../shared/data (default: the hub)")
     prompt_template: str = arg("", "prompt with a {question} placeholder (default: the dataset's)")
-    max_prompt_chars: int = arg(
-        None,
-        "drop longer prompts, train and test (author: gsm8k 512, math-hard 1024)",
-        bounds="[0, inf)",
-    )
-    stop_at_im_end: bool = arg(
-        False, "end completions at <|im_end|> too (faster; the author ran to the model's EOS)"
-    )
-    steps: int = arg(
-        None, "optimizer steps (default: one epoch, drop-last)", bounds="[1, inf)", resume=True
-    )
+    max_prompt_chars: int = arg(None, "drop longer prompts (author: gsm8k 512, math-hard 1024)")
+    stop_at_im_end: bool = arg(False, "end at <|im_end|> too (faster; author: the model's EOS)")
+    steps: int = arg(None, "optimizer steps (default: one epoch)", bounds="[1, inf)", resume=True)
     prompts_per_step: int = arg(32, "prompts per E-step (author: 32)", bounds="[1, inf)")
-    num_samples: int = arg(
-        None, "N completions per prompt (author: gsm8k 2, math-hard 8)", bounds="[1, inf)"
-    )
+    num_samples: int = arg(None, "N per prompt (author: gsm8k 2, math-hard 8)", bounds="[1, inf)")
     max_new_tokens: int = arg(
-        None, "completion cap (author: gsm8k 1024; paper: math-hard 3072)", bounds="[1, inf)"
+        None, "completion cap (gsm8k 1024, math-hard 3072)", bounds="[1, inf)"
     )
-    temperature: float = arg(
-        1.0, "sampling temperature; pure sampling, no top-k/top-p", bounds="(0, 10]"
-    )
+    temperature: float = arg(1.0, "sampling temperature, no top-k/top-p", bounds="(0, 10]")
     # M-step: AdamW, constant lr, no warmup (the author's jobs)
     lr: float = arg(1e-6, "learning rate", bounds="[0, 1)")
     weight_decay: float = arg(0.01, "AdamW weight decay", bounds="[0, 1)")
@@ -88,54 +66,31 @@ class Args:
     # speed and memory: the results do not change
     sampler: str = arg("auto", "E-step decoder (make_decoder)", "auto compiled static hf")
     micro_batch_size: int = arg(8, "sequences per M-step forward/backward", bounds="[1, inf)")
-    micro_batch_tokens: int = arg(
-        0, "if > 0: micro-batches of count × padded length ≤ this", bounds="[0, inf)"
-    )
-    logprob_chunk: int = arg(1024, "tokens per chunk of the vocab projection", bounds="[1, inf)")
-    gradient_checkpointing: str = arg(
-        "auto", "recompute activations (auto: on CUDA)", "auto on off"
-    )
+    micro_batch_tokens: int = arg(0, "if > 0: micro-batches of count × padded length ≤ this")
+    logprob_chunk: int = arg(1024, "tokens per vocab-projection chunk", bounds="[1, inf)")
+    gradient_checkpointing: str = arg("auto", "recompute activations (auto: CUDA)", "auto on off")
     dtype: str = arg("auto", "compute dtype (auto: bf16 on CUDA)", "auto bf16 fp32")
     master_dtype: str = arg("fp32", "weights, AdamW state (bf16: stochastic rounding)", "fp32 bf16")
     device: str = arg("auto", "auto, cuda, cuda:N or cpu (≥ 1B parameters on a CPU: say cpu)")
-    memory_probe: str = arg(
-        "auto", "meet the worst step before step 0 (auto: on CUDA)", "auto on off"
-    )
+    memory_probe: str = arg("auto", "the worst step before step 0 (auto: CUDA)", "auto on off")
     # evaluation: the paper's test score
-    eval_every: int = arg(
-        5,
-        "greedy test score at step 0, every K steps, at the end (0: off)",
-        bounds="[0, inf)",
-        resume=True,
-    )
-    eval_limit: int = arg(
-        0, "the first N held-out problems (0: all)", bounds="[0, inf)", resume=True
-    )
+    eval_every: int = arg(5, "greedy test score at step 0, every K, at the end", resume=True)
+    eval_limit: int = arg(0, "the first N held-out problems (0: all)", resume=True)
     eval_dataset: str = arg("", "held-out set (default: the dataset's test set)", resume=True)
-    eval_rows: int = arg(
-        0, "rows per greedy batch (0: what fits, ≤ 512)", bounds="[0, inf)", resume=True
-    )
+    eval_rows: int = arg(0, "rows per greedy batch (0: what fits, ≤ 512)", resume=True)
     # I/O
     seed: int = arg(0, "data order and sampling", bounds="[0, 2147483647]")
     output_dir: str = arg("", "the run's dir (default: runs/<model>-<dataset>-<algo>)")
-    save_every: int = arg(
-        50, "checkpoint every K steps, at the end, on Ctrl-C", bounds="[1, inf)", resume=True
-    )
-    log_samples: int = arg(
-        4, "completions per step into samples.jsonl", bounds="[0, inf)", resume=True
-    )
+    save_every: int = arg(50, "checkpoint every K steps", bounds="[1, inf)", resume=True)
+    log_samples: int = arg(4, "completions per step into samples.jsonl", resume=True)
     report_to: str = arg("none", "also log to", "none tensorboard wandb", resume=True)
-    resume: bool = arg(
-        False, "continue the run in --output-dir from its latest checkpoint", resume=True
-    )
+    resume: bool = arg(False, "continue the run in --output-dir", resume=True)
     overwrite: bool = arg(False, "delete what --output-dir holds and start afresh", resume=True)
-    benchmark: bool = arg(
-        False, "time an E-step (and generate()) and an M-step; print JSON", resume=True
-    )
+    benchmark: bool = arg(False, "time an E-step and an M-step; print JSON", resume=True)
 
 
-# The author's launched jobs (../shared/reference/paper.md; math-hard's 3072 is the paper's text,
-# the 1.5B job had 2048). Any other dataset gets OURS; a flag overrides either.
+# The author's jobs (../shared/reference/paper.md; math-hard's 3072 is the paper's text). Any other
+# dataset gets OURS; a flag overrides either.
 PRESETS = {
     "gsm8k": dict(num_samples=2, max_new_tokens=1024, max_prompt_chars=512),
     "math-hard": dict(num_samples=8, max_new_tokens=3072, max_prompt_chars=1024),
@@ -143,24 +98,15 @@ PRESETS = {
 OURS = dict(num_samples=8, max_new_tokens=1024, max_prompt_chars=0)
 
 
-# ---- Data and graders: load_problems() (Part II) gives rows {question, answer}
-GSM8K_TEMPLATE = '{question} Let\'s think step by step and output the final answer after "####".'
-MATH_TEMPLATE = (
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{question}\n"
-    "Please reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
-    "<|im_start|>assistant\n"
-)
-
-
+# ---- Graders: load_problems() (Part II) gives rows {question, answer}, prompted by the templates
 def hash_answer(text):
-    """The author's strict GSM8K rule: the first match of `#### (-?[0-9.,]+)`, one space exactly,
-    ',' and '$' stripped. '#### 18.' gives '18.' (≠ '18'); '####18', '#### $18' give None."""
+    """The author's strict rule: `#### (-?[0-9.,]+)`, first match (so '#### 18.' ≠ '18', '####18': None)."""
     m = re.search(r"#### (\-?[0-9\.\,]+)", text)
     return m.group(1).replace(",", "").replace("$", "") if m else None
 
 
 def final_answer(answer):
-    """The reference: the number after '####' of a GSM8K solution, else the answer as given."""
+    """The number after '####' of a GSM8K solution, else the answer as given."""
     return (hash_answer(answer) or answer.split("####")[-1].strip()) if "####" in answer else answer
 
 
@@ -170,8 +116,7 @@ def gsm8k_reward(completion, answer):
 
 
 def math_reward(completion, answer, verify=True):
-    """1.0 iff the extracted answer (last \\boxed{} → '####' → last number) is math-verify-equal
-    to the reference; a grader error or time-out counts as wrong (verify=False: equal strings)."""
+    """1.0 iff the extracted answer (last \\boxed{} → '####' → last number) is math-verify-equal."""
     pred = extract_answer(completion)
     return float(pred is not None and answers_equal(pred, final_answer(answer), verify))
 
@@ -181,21 +126,19 @@ REWARDS = {"gsm8k": gsm8k_reward, "math": math_reward}
 
 # ---- E-step: N completions per prompt from the frozen θ*
 def next_token(logits, temperature, generator=None):
-    """Greedy at temperature 0, else an exact sample from softmax(logits / T): the exponential race
-    argmax(p / E), E ~ Exp(1), = argmax(logits − T·log E), with E = −log U, U ~ Uniform(0, 1) —
-    no softmax, no multinomial, and uniform_ is ~5× cheaper than exponential_ over 152k logits."""
+    """Greedy at temperature 0, else an exact sample of softmax(logits / T): the exponential race
+    argmax(p / E) = argmax(logits − T·log E), E = −log U ~ Exp(1) (uniform_: 1/5 of exponential_'s time)."""
     if temperature == 0:
         return logits.argmax(-1)
-    u = torch.empty_like(logits, dtype=torch.float32).uniform_(generator=generator)
-    log_e = u.log_().neg_().log_()
-    return (logits - log_e if temperature == 1 else logits - temperature * log_e).argmax(-1)
+    log_e = torch.empty_like(logits, dtype=torch.float32).uniform_(generator=generator).log_()
+    log_e = log_e.neg_().log_()
+    return (logits - (log_e if temperature == 1 else temperature * log_e)).argmax(-1)
 
 
 @torch.no_grad()
 def sample(decoder, prompts, n, max_new_tokens, eos_ids, pad_id, temperature=1.0, generator=None):
-    """n completions (token ids) per prompt from θ* (the decoder's model): row i·n + j is prompt i's
-    j-th sample, ending with its first EOS unless cut at max_new_tokens. Prompts are left-padded, so
-    every row's next token sits in the same column."""
+    """n completions (token ids) per prompt from the decoder's θ*: row i·n + j is prompt i's j-th,
+    ending at its first EOS or cut at max_new_tokens. Prompts are left-padded: one column a step."""
     dev = decoder.model.device
     logits = decoder.prefill(*left_pad(prompts, pad_id, dev), n, max_new_tokens)
     eos = torch.tensor(sorted(eos_ids), device=dev)
@@ -214,10 +157,9 @@ def sample(decoder, prompts, n, max_new_tokens, eos_ids, pad_id, temperature=1.0
 
 # ---- Reward → R̃ → advantages
 def sigmoid_normalize(rewards, norm="token", group_size=None, lengths=None):
-    """R̃ = sigmoid((R − μ)/sqrt(σ² + 1e-8)), σ² unbiased, with μ, σ² over: 'token', every response
-    token of the batch, each carrying its response's reward (the author's code: long responses
-    weigh more; without lengths, = 'batch'); 'batch', the responses (the paper's text); 'group',
-    each prompt's group_size samples. 'none': R̃ = R. All-equal rewards give z = 0, never NaN."""
+    """R̃ = sigmoid((R − μ)/sqrt(σ² + 1e-8)), σ² unbiased, over: 'token', the batch's response tokens,
+    each with its response's reward (author's code; no lengths: = 'batch'); 'batch', the responses
+    (paper's text); 'group', each prompt's samples. 'none': R̃ = R. All-equal R: z = 0, not NaN."""
     r = rewards.float()
     if norm == "none":
         return r
@@ -235,8 +177,8 @@ def sigmoid_normalize(rewards, norm="token", group_size=None, lengths=None):
 def advantages(
     rewards, group_size, algo="empg", reward_norm="token", baseline="half", lengths=None
 ):
-    """EMPG: A = 2(R̃ − b), b = ½ (the author's 2·sigmoid(z) − 1, in (−1, 1)) or b = mean R̃.
-    GRPO: A = (R − mean_group) / (std_group + 1e-6)."""
+    """EMPG: A = 2(R̃ − b), b = ½ (the author's 2·sigmoid(z) − 1) or mean R̃. GRPO: A = (R − mean_group)
+    / (std_group + 1e-6)."""
     if algo == "grpo":
         r = rewards.float().reshape(-1, group_size)
         z = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)
@@ -246,9 +188,8 @@ def advantages(
 
 
 def score(rewards, lengths, args):
-    """The step's rewards (all processes) → advantages, and metrics that land in metrics.jsonl as
-    they are. A new idea goes here: shape the rewards, zero the advantages of samples to skip, add a
-    metric. lengths: each completion's token count."""
+    """A step's rewards and completion lengths → the advantages, and metrics for metrics.jsonl. A
+    new idea goes here: shape the rewards, zero the advantages of samples to skip, add a metric."""
     adv = advantages(rewards, args.num_samples, args.algo, args.reward_norm, args.baseline, lengths)
     metrics = dict(
         reward_mean=rewards.mean().item(),
@@ -262,24 +203,22 @@ def score(rewards, lengths, args):
 # ---- M-step: log-probs, the losses, one optimizer step
 def completion_logprobs(model, input_ids, attention_mask, completion_mask, temperature=1.0,
                         chunk=1024, with_entropy=False):  # fmt: skip
-    """(log πθ(y_t | x, y_<t) at the sampling temperature, entropy or None) of each completion token:
-    (B, width) fp32, 0 off the completion. input_ids = [left-padded prompt | right-padded completion];
-    EOS is a completion token. Only completion positions reach the vocab projection."""
+    """(log πθ(y_t | x, y_<t) at the sampling temperature, entropy or None) per completion token,
+    (B, width) fp32, 0 elsewhere; input_ids = [left-padded prompt | right-padded completion], EOS
+    included. Only completion positions reach the vocab projection."""
     pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    kw = dict(use_cache=False, logits_to_keep=1, output_hidden_states=True)  # no full logits
+    kw = dict(use_cache=False, logits_to_keep=1, output_hidden_states=True)  # no (B, L, V) logits
     h = model(input_ids, attention_mask, pos, **kw).hidden_states[-1]
     sel, width = completion_mask.bool(), completion_mask.shape[1]
     h, y = h[:, -width - 1 : -1][sel], input_ids[:, -width:][sel]  # state t predicts token t + 1
     w = model.get_output_embeddings().weight
     flat = vocab_logprobs(h, y, w, temperature, chunk, with_entropy)
-    logp = torch.zeros(sel.shape, device=h.device).masked_scatter(sel, flat[:, 0])
-    if not with_entropy:
-        return logp, None
-    return logp, torch.zeros(sel.shape, device=h.device).masked_scatter(sel, flat[:, 1])
+    per_token = [torch.zeros(sel.shape, device=h.device).masked_scatter(sel, x) for x in flat.T]
+    return per_token[0], per_token[1] if with_entropy else None
 
 
 def seq_mean(x, mask):
-    """Mean over each sequence's completion tokens → (B,)."""
+    """Mean over each sequence's completion tokens."""
     return (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
@@ -299,25 +238,19 @@ def grpo_loss(logp, old_logp, mask, adv, clip_eps=0.2):
 
 
 def kl_k3(logp, ref_logp):
-    """Per-token k3 estimate of KL(πθ‖π_ref), e^r − r − 1 with r = ref − logp, clamped to ±10 as the
-    author's code: one wild token cannot blow up the loss. (r is clamped to ±20 only to keep e^r and
-    its gradient finite; every |r| > 20 reaches the ±10 clamp anyway.)"""
+    """Per-token k3 estimate of KL(πθ‖π_ref), e^r − r − 1, r = ref − logp, clamped to ±10 as the
+    author's code (r to ±20 only to keep e^r finite: |r| > 20 hits ±10 anyway)."""
     r = (ref_logp - logp).clamp(-20, 20)
     return (torch.exp(r) - r - 1).clamp(-10, 10)
 
 
 def micro_batch_loss(logp, old_logp, ref_logp, entropy, mask, adv, args):
-    """One micro-batch's objective, Eq. 12 (or GRPO's) + β·KL(πθ‖π_init) − c·entropy; its parts."""
+    """Eq. 12 (or GRPO's) + β·KL(πθ‖π_init) − c·entropy on one micro-batch; its parts."""
     zero = logp.new_zeros(())
     if args.algo == "grpo":
         loss = grpo_loss(logp, old_logp, mask, adv, args.clip_eps)
-        ratio, a = (
-            (logp.detach() - old_logp).exp(),
-            adv[:, None],
-        )  # as verl counts: the tokens whose
-        clipped = (
-            ratio.clamp(1 - args.clip_eps, 1 + args.clip_eps) * a < ratio * a
-        )  # clip is active
+        ratio, a = (logp.detach() - old_logp).exp(), adv[:, None]  # clip_frac as verl: where the
+        clipped = ratio.clamp(1 - args.clip_eps, 1 + args.clip_eps) * a < ratio * a  # min clips
         clip = seq_mean(clipped.float(), mask).mean()
     else:
         loss, clip = empg_loss(logp, mask, adv), zero
@@ -328,8 +261,7 @@ def micro_batch_loss(logp, old_logp, ref_logp, entropy, mask, adv, args):
 
 
 def optimizer_step(policy, opt, grad_clip, loss_finite=True):
-    """Clip the global grad norm and step. A non-finite loss or gradient skips the step (logged as
-    step_skipped; three in a row stop the run) instead of poisoning θ."""
+    """Clip the global grad norm and step; a non-finite loss or gradient skips the step."""
     norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
     skipped = not (loss_finite and math.isfinite(norm))
@@ -340,17 +272,16 @@ def optimizer_step(policy, opt, grad_clip, loss_finite=True):
 
 
 def m_step(policy, opt, prompts, comps, adv, args, ref=None, autocast=None, pad_id=0):
-    """M-step (Eq. 12): `updates_per_batch` optimizer steps on one E-step's samples. A micro-batch's
-    loss is a mean over its sequences, weighted by its share of the batch: the sum is the batch
-    mean, and the step does not depend on how the batch was cut (tested)."""
+    """M-step (Eq. 12): `updates_per_batch` optimizer steps on one E-step's samples. Each
+    micro-batch's mean loss is weighted by its share of the batch: the step does not depend on the
+    cut (tested)."""
     dev, n, with_entropy = policy.device, len(comps), args.entropy_coef > 0
-    autocast = autocast or torch.autocast(dev.type, enabled=False)
-    adv = adv.to(dev)
+    autocast, adv = autocast or torch.autocast(dev.type, enabled=False), adv.to(dev)
     mbs = micro_batches(prompts, comps, args.micro_batch_size, args.micro_batch_tokens)
     old = {}  # θ*'s log-probs for GRPO's ratio: the first pass runs at θ = θ*, so they are free
     policy.train()
     for _ in range(args.updates_per_batch):
-        tot = dict(loss=0, kl=0, entropy=0, clip_frac=0)  # summed on the device: one sync a step
+        tot = dict(loss=0, kl=0, entropy=0, clip_frac=0)  # on the device: one sync a step
         for j, mb in enumerate(mbs):
             ids, attn, cmask = collate(
                 [prompts[i] for i in mb], [comps[i] for i in mb], pad_id, dev
@@ -372,9 +303,9 @@ def m_step(policy, opt, prompts, comps, adv, args, ref=None, autocast=None, pad_
     return dict(tot, grad_norm=grad_norm, step_skipped=int(skipped))
 
 
-# ---- The loop: Algorithm 1
-def train(args):
-    # ---- the run's objects, in the order a mistake should surface (the loaders are Part II's)
+# ---- The run's objects, and the loop: Algorithm 1
+def make_run(args):
+    """Everything a run holds, made in the order a mistake should surface (loaders: Part II)."""
     rank, world = init_distributed(args)  # torchrun: G processes, each samples 1/G of the prompts
     dev, dtype = device_and_dtype(args)  # bf16 compute on CUDA
     out_dir, lock, state = open_run_dir(args, rank)  # state: the checkpoint's, on --resume
@@ -383,57 +314,56 @@ def train(args):
     theta_star = frozen_copy(policy, dtype) if dtype != policy.dtype or world > 1 else policy
     ref = load_reference(args, dev, dtype, policy, state) if args.beta > 0 else None  # π_init
     opt = make_optimizer(policy, args, dev, state, world)  # AdamW; FSDP2-sharded under torchrun
-    rows, task, template = load_train_rows(args, tok, policy)
+    rows, task = load_train_rows(args, tok, policy)
     run = SimpleNamespace(
-        args=args, rank=rank, world=world, dev=dev, out_dir=out_dir, lock=lock, tok=tok,
-        policy=policy, theta_star=theta_star, opt=opt, task=task, rows=rows,
+        args=args, rank=rank, world=world, dev=dev, out_dir=out_dir, lock=lock, tok=tok, task=task,
+        policy=policy, theta_star=theta_star, ref=ref, opt=opt, rows=rows, pad_id=tok.pad_token_id,
         decoder=make_decoder(theta_star, args.sampler, args.master_dtype),
         autocast=torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32),
-        eos_ids=stop_ids(tok, theta_star, template, args.stop_at_im_end), pad_id=tok.pad_token_id,
+        eos_ids=stop_ids(tok, theta_star, args.stop_at_im_end),
     )  # fmt: skip
-    load_eval_rows(run)
-    open_logs(run, state)  # metrics, eval and samples logs cut back to the checkpoint's step
-    fit_memory(run, state)  # the worst step first: KV caches and one M-step that must fit
-    a, N = args, args.num_samples
-    k = a.prompts_per_step // world  # this process's prompts: slice my_prompts of each step's
-    my_prompts, my_samples = (
-        slice(rank * k, (rank + 1) * k),
-        slice(rank * k * N, (rank + 1) * k * N),
-    )
+    load_eval_rows(run)  # run.eval_rows: the held-out set
+    open_logs(run, state)  # the logs, cut back to the checkpoint's step on --resume
+    fit_memory(run, state)  # the worst step first: what fits, what is freed, what is halved
+    return run
+
+
+def train(args):
+    run = make_run(args)
+    a, tok, policy, theta_star, ref = args, run.tok, run.policy, run.theta_star, run.ref
+    rank, N, k = run.rank, args.num_samples, args.prompts_per_step // run.world
     with guarded(run):  # Ctrl-C finishes the step and saves it; out of memory: one line
         for step in progress(run):  # step = optimizer steps taken so far
             # ---- θ* ← θ: freeze the weights that sample this step (and take the test score)
             sync_theta_star(theta_star, policy)
             if a.eval_every and step % a.eval_every == 0:
                 evaluate(run, step)
-            # ---- E-step: N completions per prompt from θ* (in slices if memory is short)
+            # ---- E-step: N completions per prompt from θ*, for this process's k prompts
             run.phase("sampling")
-            t0 = time.time()
-            batch = [rows[i] for i in step_prompts(step, len(rows), a.prompts_per_step, a.seed)]
-            batch = batch[my_prompts]
-            gen = sampling_generator(run, step)  # a function of (seed, step): an exact resume
-            prompts, comps, s = [r["ids"] for r in batch], [], run.estep_prompts
-            for i in range(0, len(prompts), s):
-                comps += sample(run.decoder, prompts[i : i + s], N, a.max_new_tokens, run.eos_ids,
-                                run.pad_id, a.temperature, gen)  # fmt: skip
+            t0, gen, comps = time.time(), sampling_generator(a.seed, step, rank, run.dev), []
+            order = step_prompts(step, len(run.rows), a.prompts_per_step, a.seed)
+            batch = [run.rows[i] for i in order][rank * k : (rank + 1) * k]
+            for part in chunks(batch, run.estep_prompts):  # one chunk unless memory is short
+                comps += sample(run.decoder, [r["ids"] for r in part], N, a.max_new_tokens,
+                                run.eos_ids, run.pad_id, a.temperature, gen)  # fmt: skip
             # ---- reward R(τ) ∈ {0,1} → R̃ → A; statistics over the whole batch (all processes)
             run.phase("grading")
             texts = tok.batch_decode(comps, skip_special_tokens=True)
-            local = [REWARDS[task](c, batch[i // N]["answer"]) for i, c in enumerate(texts)]
-            rewards = torch.tensor(gather_all(local))
+            local = [REWARDS[run.task](c, batch[i // N]["answer"]) for i, c in enumerate(texts)]
             lengths = torch.tensor(gather_all([len(c) for c in comps]))
-            adv, metrics = score(rewards, lengths, a)
+            adv, metrics = score(torch.tensor(gather_all(local)), lengths, a)
             # ---- M-step (Eq. 12): one optimizer step up Σ A(τ) ∇ log Pθ(τ), discard the samples
             run.phase("training")
             t1 = time.time()
-            if not run.keep_cache:  # the probe found no room for the KV cache and the M-step
+            if not run.keep_cache:  # no room for the KV cache during the M-step (fit_memory)
                 run.decoder.free_cache()
-            repeated = [p for p in prompts for _ in range(N)]
-            stats = m_step(policy, opt, repeated, comps, adv[my_samples], a, ref, run.autocast,
-                           run.pad_id)  # fmt: skip
+            prompts, my_adv = [r["ids"] for r in batch for _ in range(N)], adv[rank * k * N :]
+            stats = m_step(
+                policy, run.opt, prompts, comps, my_adv, a, ref, run.autocast, run.pad_id
+            )
             # ---- log and save
             times = dict(estep_s=t1 - t0, mstep_s=time.time() - t1)
-            log_step(run, step + 1, metrics, stats, times, batch, comps, texts, rewards)
+            log_step(run, step + 1, metrics, stats, times, batch, texts, comps, local)
             if (step + 1) % a.save_every == 0 or step + 1 == a.steps or run.stop:
                 save_checkpoint(run, step + 1)
     return finish(run)
@@ -450,38 +380,37 @@ from torch.utils.checkpoint import checkpoint
 PROG = "empg"
 
 
-# ---- The command line: a flag per Args field, presets resolved, every number checked up front
-def parse_args(argv=None, spec=Args, prog=None):
+# ---- The command line: a flag per field of Args (or eval.py's EvalArgs), presets resolved
+def parse_args(argv=None, spec=Args, prog="empg"):
     global PROG
-    PROG = prog or PROG  # errors name the program the user ran
-    fields = dataclasses.fields(spec)
-    note = "--resume keeps the run's flags, but for " if spec is Args else ""
-    note += ", ".join(flag(f.name) for f in fields if f.metadata["resume"] and note)
-    fmt = argparse.RawDescriptionHelpFormatter
-    desc = sys.modules[spec.__module__].__doc__
-    p = argparse.ArgumentParser(prog=prog, description=desc, epilog=note, formatter_class=fmt)
+    PROG, fields = prog, dataclasses.fields(spec)  # errors name the program the user ran
+    may_change = ", ".join(flag(f.name) for f in fields if f.metadata["resume"])
+    p = argparse.ArgumentParser(
+        description=sys.modules[spec.__module__].__doc__,
+        epilog=f"--resume keeps the run's flags but {may_change}" if spec is Args else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.error = die  # one line, not argparse's usage block
     for f in fields:
-        m = f.metadata
-        kw = dict(type=m["kind"], default=f.default, choices=m["choices"] or None)
+        kw = dict(type=f.metadata["kind"], default=f.default, choices=f.metadata["choices"] or None)
         kw = dict(action="store_true") if f.type is bool else kw
         kw = dict(action="append", default=[]) if f.type is list else kw
-        p.add_argument(flag(f.name), help=f"{m['help']} (default: {f.default})", **kw)
+        p.add_argument(flag(f.name), help=f"{f.metadata['help']} (default: {f.default})", **kw)
     a = spec(**vars(p.parse_args(argv)))
     for k, v in PRESETS.get(a.dataset, OURS).items() if spec is Args else ():
         setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
     for f in fields:
-        b = f.metadata["bounds"]
-        if b and getattr(a, f.name) is not None and not in_bounds(getattr(a, f.name), b):
-            die(f"{flag(f.name)} must be in {b}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", a.device):
-        die("--device must be auto, cpu, cuda or cuda:N")
-    if "{question}" not in (a.prompt_template or "{question}"):
-        die("--prompt-template has no {question} placeholder")
-    checks = (
-        []
-        if spec is not Args
-        else [
+        v, (lo, hi) = getattr(a, f.name), map(float, f.metadata["bounds"][1:-1].split(","))
+        if f.metadata["kind"] in (int, float) and v is not None:
+            open_lo, open_hi = f.metadata["bounds"][0] == "(", f.metadata["bounds"][-1] == ")"
+            if not ((lo < v if open_lo else lo <= v) and (v < hi if open_hi else v <= hi)):
+                die(f"{flag(f.name)} must be in {f.metadata['bounds']}")  # NaN never is
+    checks = [
+        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", a.device), "--device must be auto, cpu, cuda[:N]"),
+        ("{question}" in (a.prompt_template or "{question}"), "--prompt-template: no {question}"),
+    ]
+    if spec is Args:
+        checks += [
             (
                 a.num_samples > 1 or a.reward_norm != "group",
                 "--reward-norm group: --num-samples >= 2",
@@ -490,17 +419,10 @@ def parse_args(argv=None, spec=Args, prog=None):
             (a.master_dtype == "fp32" or a.dtype != "fp32", "--master-dtype bf16 computes in bf16"),
             (not (a.resume and a.overwrite), "--resume and --overwrite contradict each other"),
         ]
-    )
     for ok, msg in checks:
         if not ok:
             die(msg)
     return a
-
-
-def in_bounds(v, bounds):
-    """v in an interval written "[lo, hi)"; NaN is in none."""
-    lo, hi = map(float, bounds[1:-1].split(","))
-    return (lo < v if bounds[0] == "(" else lo <= v) and (v < hi if bounds[-1] == ")" else v <= hi)
 
 
 def flag(name):
@@ -513,22 +435,21 @@ def say(msg):
 
 
 def die(msg):
-    """One clear line on stderr (from the first process only), no traceback, exit 2."""
+    """One line on stderr (from the first process), no traceback, exit 2."""
     if os.environ.get("RANK", "0") != "0":
         time.sleep(3)  # torchrun stops every process once one exits: let the first one print
     say(f"error: {msg}")
     sys.exit(2)
 
 
-# ---- The E-step's decoders: the model's own forward (any architecture), or ours on a cache
-# allocated once (qwen2/llama), eager or compiled into CUDA graphs
+# ---- The E-step's decoders: the model's own forward (any architecture), or ours (qwen2/llama) on a
+# KV cache allocated once, eager or compiled into CUDA graphs
 BLOCK = 256  # the KV cache is allocated and read BLOCK columns at a time: few shapes, few graphs
 
 
 def make_decoder(model, sampler="auto", master_dtype="fp32"):
-    """The one place --sampler is resolved. auto: compiled on CUDA; static on CPU, and with bf16
-    master weights (whose KV cache is freed before each M-step, while a CUDA graph wants it to stay
-    put); hf where our decode step does not know the architecture."""
+    """--sampler resolved. auto: compiled on CUDA; static on CPU and with bf16 master weights (whose
+    cache is freed before each M-step; a CUDA graph wants it kept); hf for other architectures."""
     c = model.config
     ours = c.model_type in ("qwen2", "llama") and not getattr(c, "use_sliding_window", False)
     if sampler == "auto":
@@ -536,9 +457,7 @@ def make_decoder(model, sampler="auto", master_dtype="fp32"):
         sampler = sampler if ours else "hf"
     if sampler != "hf" and not ours:
         die(f"--sampler {sampler} knows qwen2/llama without a sliding window, not {c.model_type}")
-    if sampler == "hf":
-        return PlainDecoder(model)
-    return StaticDecoder(model, compiled=sampler == "compiled")
+    return PlainDecoder(model) if sampler == "hf" else StaticDecoder(model, sampler == "compiled")
 
 
 def left_pad(seqs, pad_id, device):
@@ -552,7 +471,7 @@ def left_pad(seqs, pad_id, device):
 
 
 class PlainDecoder:
-    """The reference decode step: the model's own forward on a growing KV cache."""
+    """The reference: the model's own forward on a growing KV cache."""
 
     def __init__(self, model):
         self.model, self.cache = model, None
@@ -577,20 +496,17 @@ class PlainDecoder:
 
 
 def rope(x, cos, sin):
-    """Rotary position embedding in HF's rotate-half layout."""
-    x1, x2 = x.chunk(2, -1)
+    x1, x2 = x.chunk(2, -1)  # HF's rotate-half layout
     return x * cos + torch.cat((-x2, x1), -1) * sin
 
 
 def decode_step(model, kv, valid, tok, pos, col, width):
-    """Next-token logits (R, vocab) for tokens tok (R,) at positions pos (R, 1), their K/V written
-    to cache column col (a 1-element tensor: the column moves, the graph does not). valid (R, L)
-    marks the columns each row may attend to; attention reads the first `width` only (the filled
-    part, in BLOCKs). Grouped-query heads are folded onto their KV head (H/KV query rows each), so
-    each cache entry is read once, not H/KV times (6× for Qwen2.5-1.5B)."""
+    """Logits (R, vocab) after tokens tok (R,) at positions pos (R, 1), their K/V written to cache
+    column col (a tensor: the column moves, the graph does not). Attention reads the first `width`
+    columns (the filled part), each KV head once for its H/KV query heads (6× less for 1.5B)."""
     m, R = model.model, tok.shape[0]
     x = m.embed_tokens(tok[:, None])  # (R, 1, D)
-    cos, sin = m.rotary_emb(x, pos)  # each row at its own position
+    cos, sin = m.rotary_emb(x, pos)
     valid.index_fill_(1, col, True)
     mask = valid[:, None, None, :width]
     for layer, (K, V) in zip(m.layers, kv):  # K, V: (R, KV heads, L, d)
@@ -599,19 +515,18 @@ def decode_step(model, kv, valid, tok, pos, col, width):
         K.index_copy_(2, col, rope(a.k_proj(h).view(R, -1, a.head_dim), cos, sin)[:, :, None])
         V.index_copy_(2, col, a.v_proj(h).view(R, -1, 1, a.head_dim))
         q = q.view(R, K.shape[1], -1, a.head_dim)  # (R, KV heads, H/KV, d)
-        o = F.scaled_dot_product_attention(
-            q, K[:, :, :width], V[:, :, :width], attn_mask=mask, scale=a.scaling
-        )
+        kw = dict(attn_mask=mask, scale=a.scaling)
+        o = F.scaled_dot_product_attention(q, K[:, :, :width], V[:, :, :width], **kw)
         x = x + a.o_proj(o.reshape(R, 1, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return model.get_output_embeddings()(m.norm(x))[:, 0]
 
 
 class StaticDecoder:
-    """decode_step on K/V buffers allocated once and kept between E-steps. Every tensor keeps its
-    shape and address, so compiled=True captures the step with torch.compile (reduce-overhead: CUDA
-    graphs), one graph per BLOCK-wide window and cache allocation — a known bound the recompile
-    limit is raised to. A failed compile, or the limit hit, warns once and the step runs eagerly."""
+    """decode_step on K/V buffers allocated once and kept between E-steps: every tensor keeps its
+    shape and address, so compiled=True captures it as CUDA graphs (torch.compile reduce-overhead),
+    one per BLOCK-wide window and allocation, a bound the recompile limit is raised to. A failed
+    compile, or the bound hit, warns once and decodes eagerly."""
 
     def __init__(self, model, compiled=False):
         self.model, self.compiled, self.kv, self.valid = model, compiled, None, None
@@ -623,15 +538,14 @@ class StaticDecoder:
     def allocate(self, rows, length, like):
         if self.valid is not None and self.valid.shape[0] == rows and self.valid.shape[1] >= length:
             return
-        self.free_cache()  # never hold the old cache and the new one at once
-        L, kv_heads, d = -(-length // BLOCK) * BLOCK, like.shape[1], like.shape[-1]
-        shape = (rows, kv_heads, L, d)
+        self.free_cache()  # never the old cache and the new one at once
+        shape = (rows, like.shape[1], -(-length // BLOCK) * BLOCK, like.shape[-1])
         self.kv = [(like.new_zeros(shape), like.new_zeros(shape)) for _ in self.model.model.layers]
-        self.valid = torch.zeros(rows, L, dtype=torch.bool, device=like.device)
+        self.valid = torch.zeros(rows, shape[2], dtype=torch.bool, device=like.device)
         for t in (self.valid, *(x for pair in self.kv for x in pair)):
             torch._dynamo.mark_static_address(t)  # CUDA graphs keep pointers to these
-        if self.compiled:  # a new allocation: one new graph per window width it reads
-            self.graph_bound += L // BLOCK
+        if self.compiled:  # one new graph per window width the new cache is read at
+            self.graph_bound += shape[2] // BLOCK
             cfg = torch._dynamo.config
             cfg.recompile_limit = max(cfg.recompile_limit, self.graph_bound)
             cfg.fail_on_recompile_limit_hit = True  # past the bound: our warning, not silence
@@ -648,7 +562,7 @@ class StaticDecoder:
             V[:, :, :P] = layer.values.repeat_interleave(n, 0)
         self.valid.zero_()[:, :P] = mask.bool().repeat_interleave(n, 0)
         self.pos = pos[:, -1:].repeat_interleave(n, 0)
-        self.col, self.filled = torch.full((1,), P - 1, device=ids.device), P - 1  # tensor, int
+        self.col, self.filled = torch.full((1,), P - 1, device=ids.device), P - 1
         return logits.repeat_interleave(n, 0)
 
     def decode(self, tok):
@@ -658,7 +572,7 @@ class StaticDecoder:
         width = min(self.valid.shape[1], (self.filled // BLOCK + 1) * BLOCK)
         args = (self.model, self.kv, self.valid, tok, self.pos, self.col, width)
         if self.compiled:
-            torch.compiler.cudagraph_mark_step_begin()  # the last logits are consumed: reuse buffers
+            torch.compiler.cudagraph_mark_step_begin()  # the last logits are consumed
         try:
             return self.fn(*args)
         except Exception as e:  # no Triton, an unsupported op, the bound hit: carry on eagerly
@@ -674,12 +588,11 @@ class StaticDecoder:
             torch.cuda.empty_cache()
 
 
-# ---- The fast M-step: chunked vocab projection, micro-batches
-def _chunk_logprobs(h, y, weight, temperature, with_entropy):
+# ---- The M-step's machinery: chunked vocab projection, micro-batches
+def chunk_logprobs(h, y, weight, temperature, with_entropy):
     logits = F.linear(h, weight).float()
-    if temperature != 1:
-        logits = logits / temperature  # re-scored at the sampling temperature
-    logp = -F.cross_entropy(logits, y, reduction="none")  # one fused kernel, forward and backward
+    logits = logits if temperature == 1 else logits / temperature  # the sampling temperature
+    logp = -F.cross_entropy(logits, y, reduction="none")  # fused, forward and backward
     if not with_entropy:
         return logp[:, None]
     all_logp = logits.log_softmax(-1)
@@ -687,11 +600,10 @@ def _chunk_logprobs(h, y, weight, temperature, with_entropy):
 
 
 def vocab_logprobs(h, y, weight, temperature, chunk, with_entropy):
-    """(N, 1 or 2): log p(y) [and the entropy] from final hidden states h (N, D), the vocab
-    projection `chunk` tokens at a time, recomputed in backward: never the (N × vocab) fp32
-    logits at once."""
+    """(N, 1 or 2): log p(y) [and entropy] from final hidden states h (N, D), projected `chunk`
+    tokens at a time and recomputed in backward: never the (N × vocab) fp32 logits at once."""
     parts = [
-        checkpoint(_chunk_logprobs, h[i : i + chunk], y[i : i + chunk], weight, temperature,
+        checkpoint(chunk_logprobs, h[i : i + chunk], y[i : i + chunk], weight, temperature,
                    with_entropy, use_reentrant=False)
         for i in range(0, len(y), chunk)
     ]  # fmt: skip
@@ -710,9 +622,8 @@ def collate(prompts, completions, pad_id, device):
 
 
 def micro_batches(prompts, comps, size, tokens=0):
-    """Indices of the sequences, longest first, cut into micro-batches of `size`, or with tokens > 0
-    each as large as fits count × padded length ≤ tokens (prompts left-, completions right-padded).
-    Under torchrun every process gets as many micro-batches (same_count_on_all_ranks)."""
+    """Indices, longest first, cut into micro-batches of `size`, or with tokens > 0 as large as fits
+    count × padded length ≤ tokens; as many on every process (same_count_on_all_ranks)."""
     order = sorted(range(len(comps)), key=lambda i: len(prompts[i]) + len(comps[i]), reverse=True)
     mbs = [[]]
     for i in order:
@@ -726,8 +637,8 @@ def micro_batches(prompts, comps, size, tokens=0):
 
 
 def same_count_on_all_ranks(mbs):
-    """FSDP2's collectives pair up across processes once per forward and backward, so every process
-    runs as many micro-batches as the busiest: the others split their largest until the counts agree."""
+    """FSDP2's collectives pair up across processes per forward and backward: every process runs as
+    many micro-batches as the busiest, the others splitting their largest."""
     target = max(gather_all([len(mbs)]))
     while len(mbs) < target:
         i = max(range(len(mbs)), key=lambda j: len(mbs[j]))
@@ -735,20 +646,23 @@ def same_count_on_all_ranks(mbs):
     return mbs
 
 
+def chunks(xs, size):
+    return [xs[i : i + size] for i in range(0, len(xs), size)]
+
+
 # ---- bf16 master weights: AdamW with stochastic rounding
 def stochastic_round(x, generator=None):
-    """fp32 → bf16, rounding up with probability equal to the remainder, so E[result] = x. bf16 is
-    the top half of an fp32's bits: add uniform noise to the 16 bits that get cut, then cut them."""
+    """fp32 → bf16, rounding up with probability equal to the remainder, so E[result] = x: noise
+    added to the 16 low bits that bf16 cuts."""
     kw = dict(dtype=torch.int32, device=x.device, generator=generator)
     noise = torch.randint(0, 1 << 16, x.shape, **kw)
     return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
 class AdamWSR(torch.optim.Optimizer):
-    """AdamW for bf16 master weights (--master-dtype bf16): weights, grads and both moments in bf16,
-    8 bytes a parameter instead of 16. Each update is computed in fp32 and stochastically rounded
-    back: round-to-nearest would erase every step under half a bf16 spacing (at lr 1e-6, all of
-    them); stochastic rounding keeps them on average. On fp32 weights this is plain AdamW."""
+    """AdamW for bf16 master weights: weights, grads, moments in bf16 (8 bytes a parameter, not 16).
+    Updates are computed in fp32 and stochastically rounded: round-to-nearest would erase every step
+    under half a bf16 spacing (at lr 1e-6, all of them). On fp32 weights: plain AdamW."""
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, seed=0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -767,7 +681,6 @@ class AdamWSR(torch.optim.Optimizer):
                 t = int(st["step"].add_(1))
                 if gen is None:  # noise from (seed, step): a resumed run rounds the same
                     gen = torch.Generator(p.device).manual_seed(self.seed * 1_000_003 + t)
-                bf16 = p.dtype == torch.bfloat16
                 tensors = (p, p.grad, st["exp_avg"], st["exp_avg_sq"])
                 for w, g, m, v in zip(*(x.view(-1).split(chunk) for x in tensors)):
                     g, m32, v32 = g.float(), m.float(), v.float()
@@ -775,34 +688,35 @@ class AdamWSR(torch.optim.Optimizer):
                     v32.mul_(b2).addcmul_(g, g, value=1 - b2)
                     upd = (m32 / (1 - b1**t)) / ((v32 / (1 - b2**t)).sqrt() + eps)
                     w32 = w.float().mul_(1 - lr * wd).sub_(lr * upd)
-                    # the moments are rounded stochastically too: v's 0.1 % steps (1 − β2) are
-                    # below half a bf16 spacing (0.4 %) and would stall it
+                    # the moments round stochastically too: v's 0.1 % steps are below half a
+                    # bf16 spacing (0.4 %) and would stall it
                     for dst, src in ((m, m32), (v, v32), (w, w32)):
-                        dst.copy_(stochastic_round(src, gen) if bf16 else src)
+                        dst.copy_(stochastic_round(src, gen) if p.dtype == torch.bfloat16 else src)
 
 
 def make_optimizer(policy, args, dev, state=None, world=1):
-    """AdamW (fused on CUDA), or AdamWSR for bf16 master weights; under torchrun θ is sharded
-    first (FSDP2). On --resume, the checkpoint's optimizer state."""
+    """AdamW (fused on CUDA), or AdamWSR for bf16 master weights, after FSDP2 sharding under
+    torchrun; on --resume, the checkpoint's state."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     if world > 1:
-        shard(policy, dtype=device_and_dtype(args)[1])
+        shard(policy, device_and_dtype(args)[1])
     kw = dict(lr=args.lr, weight_decay=args.weight_decay)
     if args.master_dtype == "bf16":
         opt = AdamWSR(policy.parameters(), **kw, seed=args.seed)
     else:
         opt = torch.optim.AdamW(policy.parameters(), **kw, fused=dev.type == "cuda" or None)
     if state is not None:
-        full = StateDictOptions(full_state_dict=True)
-        set_optimizer_state_dict(policy, opt, state["optimizer"], options=full)
+        opts = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(policy, opt, state["optimizer"], options=opts)
     return opt
 
 
 # ---- Models, devices, θ*
 def device_and_dtype(args):
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(auto if args.device == "auto" else args.device)
+    dev = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
     if dev.type == "cuda" and not torch.cuda.is_available():
         die(f"--device {args.device} but no CUDA GPU is visible")
     bf16_master = getattr(args, "master_dtype", "fp32") == "bf16"  # (eval.py has no such flag)
@@ -814,15 +728,14 @@ def device_and_dtype(args):
 
 @functools.cache
 def hub_offline():
-    """Local cache only when the hub does not answer within 3 s: the loaders then fail (or load
-    from the cache) at once, not after ~25 s of retries a file."""
+    """The local cache only when the hub does not answer in 3 s: then a load fails at once, not
+    after ~25 s of retries a file."""
     import socket
-    from urllib.parse import urlparse
 
     import huggingface_hub.constants as hub
 
     try:
-        socket.create_connection((urlparse(hub.ENDPOINT).hostname, 443), timeout=3).close()
+        socket.create_connection((hub.ENDPOINT.split("/")[2], 443), timeout=3).close()
     except OSError:
         hub.HF_HUB_OFFLINE = True
         say("warning: the Hugging Face hub is unreachable; using the local cache only")
@@ -830,119 +743,113 @@ def hub_offline():
 
 
 def load_pretrained(load, what, name, **kw):
-    """load(name) from a local dir or the hub; any failure is one line."""
+    """load(name, **kw) from a local dir or the hub, any failure one line."""
     if (os.path.isabs(name) or name.startswith(".")) and not os.path.isdir(name):
         die(f"cannot load {what} {name!r}: no such directory")
     offline = not os.path.isdir(name) and hub_offline()
     try:
         return load(name, **kw)
     except (OSError, ValueError, RuntimeError, KeyError, ImportError) as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        die(
-            f"cannot load {what} {name!r}: {why}"
-            + ("; the hub is unreachable: pass a local dir" if offline else "")
-        )
+        hint = "; the hub is unreachable: pass a local dir" if offline else ""
+        die(f"cannot load {what} {name!r}: {(str(e) or type(e).__name__).splitlines()[0]}{hint}")
 
 
 def load_model(name, device, dtype=torch.float32, insist_cpu=False):
     """A hub name or a local dir; a dir with a config and no weights gives random weights (tests)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM as Auto
 
     cfg = load_pretrained(AutoConfig.from_pretrained, "model", name)
     with torch.device("meta"):
-        n = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+        n = sum(p.numel() for p in Auto.from_config(cfg).parameters())
     if device.type == "cpu" and n >= 1e9 and not insist_cpu:
         die(f"no CUDA GPU: a {n / 1e9:.1f}B model on a CPU takes days; pass --device cpu to insist")
-    files = os.listdir(name) if os.path.isdir(name) else []
-    if files and not any(f.endswith((".safetensors", ".bin")) for f in files):
+    files = os.listdir(name) if os.path.isdir(name) else [".safetensors"]
+    if not any(f.endswith((".safetensors", ".bin")) for f in files):
         torch.manual_seed(0)
-        return AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
-    load = AutoModelForCausalLM.from_pretrained
-    return load_pretrained(load, "model", name, dtype=dtype).to(device)
+        return Auto.from_config(cfg, dtype=dtype).to(device)
+    return load_pretrained(Auto.from_pretrained, "model", name, dtype=dtype).to(device)
 
 
 def load_tokenizer(name):
     from transformers import AutoTokenizer
 
     tok = load_pretrained(AutoTokenizer.from_pretrained, "tokenizer", name)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok.pad_token = tok.pad_token or tok.eos_token
     return tok
 
 
 def load_policy(args, dev, state):
-    """θ in the master dtype (fp32: a 1e-6 step is not rounded away), with gradient checkpointing
-    on CUDA; on --resume the checkpoint's fp32 master weights."""
-    from transformers.utils import logging as hf_logging
+    """θ in the master dtype, gradient checkpointing on CUDA; on --resume the fp32 master weights."""
+    from transformers.utils import logging
 
-    hf_logging.disable_progress_bar()  # one progress bar: ours
+    logging.disable_progress_bar()  # one progress bar: ours
     master = torch.bfloat16 if args.master_dtype == "bf16" else torch.float32
     policy = load_model(state["dir"] if state else args.model, dev, master, args.device == "cpu")
     if state and "master" in state:  # the checkpoint's files are bf16
         policy.load_state_dict(state["master"])
-    gc = args.gradient_checkpointing
-    if gc == "on" or (gc == "auto" and dev.type == "cuda"):
-        enable = getattr(policy, "activation_checkpointing_enable", None)  # transformers ≥ 5.2x
-        enable = enable or policy.gradient_checkpointing_enable
+    if args.gradient_checkpointing == "on" or (
+        args.gradient_checkpointing == "auto" and dev.type == "cuda"
+    ):
+        enable = getattr(
+            policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable
+        )
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.config.use_cache = False
     return policy
 
 
 def load_reference(args, dev, dtype, policy, state):
-    """π_init, the weights the run started from (on --resume: --model again)."""
+    """π_init: the weights the run started from (on --resume: --model again)."""
     if state is None:
         return frozen_copy(policy, dtype)
     return load_model(args.model, dev, dtype, True).requires_grad_(False)
 
 
 def frozen_copy(policy, dtype):
-    """A frozen copy of the policy in the compute dtype, built in that dtype and filled tensor by
-    tensor: no full-size fp32 transient (a deepcopy before .to(bf16) costs 6 GB for 1.5B)."""
-    import copy
+    """The policy, frozen, built in the compute dtype and filled tensor by tensor: no fp32 transient
+    (a deepcopy then .to(bf16) costs 6 GB for 1.5B)."""
+    from copy import deepcopy
 
     from transformers import AutoModelForCausalLM
 
     with torch.device(policy.device):
-        twin = AutoModelForCausalLM.from_config(copy.deepcopy(policy.config), dtype=dtype)
+        twin = AutoModelForCausalLM.from_config(deepcopy(policy.config), dtype=dtype)
     twin.load_state_dict(policy.state_dict())
     return twin.eval().requires_grad_(False)
 
 
 @torch.no_grad()
 def sync_theta_star(theta_star, policy):
-    """θ* ← θ, parameter by parameter (FSDP2: each shard all-gathered in turn); when θ* is θ itself,
-    only eval mode (no dropout; gradient checkpointing would switch the decoder's KV cache off)."""
+    """θ* ← θ, a parameter at a time (FSDP2: each all-gathered in turn); eval mode (no dropout, and
+    gradient checkpointing would turn the decoder's KV cache off)."""
     theta_star.eval()
     if theta_star is not policy:
         for ps, p in zip(theta_star.parameters(), policy.parameters()):
             ps.copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
 
 
-def stop_ids(tok, model, template, im_end=False):
-    """Every id that ends a completion: the tokenizer's and model's EOS (the base model's
+def stop_ids(tok, model, im_end=False):
+    """The ids that end a completion: the tokenizer's and model's EOS (the base model's
     <|endoftext|>, as the author's rollouts), and <|im_end|> with --stop-at-im-end."""
     ids = {tok.eos_token_id}
-    for src in (model.config, getattr(model, "generation_config", None)):
+    for src in (model.config, model.generation_config):
         e = getattr(src, "eos_token_id", None)
         ids |= set(e if isinstance(e, list) else [e])
     if im_end and "<|im_end|>" in tok.get_vocab():
         ids.add(tok.convert_tokens_to_ids("<|im_end|>"))
-    return {i for i in ids if i is not None}
+    return ids - {None}
 
 
 # ---- Many GPUs: `torchrun --nproc-per-node G empg.py ...` runs G copies of this file. Each samples
-# its share of the step's prompts with a full θ*; the M-step shards θ, grads and AdamW state (FSDP2).
+# its share of the prompts with a full θ*; the M-step shards θ, grads and AdamW state (FSDP2).
 def init_distributed(args):
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
         return 0, 1
-    world = int(os.environ["WORLD_SIZE"])
     if args.prompts_per_step % world:
         die(f"--prompts-per-step {args.prompts_per_step} is not divisible by the {world} processes")
     if args.master_dtype == "bf16":
-        die(
-            "--master-dtype bf16 is for one process; under torchrun FSDP2 shards fp32 master weights"
-        )
+        die("--master-dtype bf16 is for one process; under torchrun FSDP2 shards fp32 weights")
     cuda = torch.cuda.is_available() and args.device != "cpu"
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -951,7 +858,7 @@ def init_distributed(args):
 
 
 def gather_all(xs):
-    """Concatenate a per-process list over all processes, in rank order (= the one-process order)."""
+    """A per-process list concatenated over all processes in rank order (= one process's order)."""
     if not dist.is_initialized():
         return xs
     out = [None] * dist.get_world_size()
@@ -960,7 +867,7 @@ def gather_all(xs):
 
 
 def shard(model, dtype):
-    """FSDP2: each decoder layer and the root a shard group; bf16 compute, fp32 master and reduction."""
+    """FSDP2: a shard group per decoder layer and the root; bf16 compute, fp32 master and reduce."""
     import warnings
 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -973,8 +880,16 @@ def shard(model, dtype):
 
 
 # ---- Data: the hub or local files, the author's prompt filter, tokenized once
+GSM8K_TEMPLATE = '{question} Let\'s think step by step and output the final answer after "####".'
+MATH_TEMPLATE = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{question}\n"
+    "Please reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+
+
 def read_jsonl(path):
-    """[(line number, row)] of a JSONL file; one clear line and exit 2 for anything unreadable."""
+    """[(line number, row)] of a JSONL file; anything unreadable is one line and exit 2."""
     try:
         lines = open(path, encoding="utf-8").read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -988,14 +903,11 @@ def read_jsonl(path):
         if not isinstance(row, dict):
             die(f"{path}:{n} is not a JSON object")
         rows += [(n, row)] if row else []
-    if not rows:
-        die(f"{path} has no rows")
-    return rows
+    return rows or die(f"{path} has no rows")
 
 
 def problem(row, where):
-    """{question, answer}: the question a non-empty string, the answer a non-empty string or an
-    integral number, given as the reference final answer."""
+    """{question, answer}: a non-empty question, the answer a non-empty string or whole number."""
     q, a = row.get("question", row.get("problem", row.get("prompt"))), row.get("answer")
     if not isinstance(q, str) or not q.strip():
         die(f"{where}: needs a non-empty 'question' (or 'problem'/'prompt') string")
@@ -1005,60 +917,55 @@ def problem(row, where):
     return {"question": q, "answer": final_answer(str(a))}
 
 
-def from_hub(*names, split):
-    """A dataset from the Hugging Face hub (the real path for users; tests use --data-dir)."""
-    offline = hub_offline()
-    try:
-        import datasets
-
-        return list(datasets.load_dataset(*names, split=split))
-    except Exception as e:
-        why = "the hub is unreachable" if offline else type(e).__name__
-        die(f"cannot load {names[0]} from the Hugging Face hub ({why}); use --data-dir DIR")
-
-
 def load_problems(dataset, split="train", data_dir=""):
-    """Rows {question, answer} and the grader's task ('gsm8k' or 'math'). dataset: gsm8k |
-    math-hard (train: MATH levels 3-5 minus MATH-500; test: MATH-500) | math500 | math-hard-l5 |
-    x.jsonl. data_dir: local files laid out like ../shared/data, else the hub."""
-    local = lambda *path: [r for _, r in read_jsonl(os.path.join(data_dir, *path))]
+    """Rows {question, answer} and the grader ('gsm8k' or 'math'). dataset: gsm8k | math-hard
+    (train: MATH levels 3-5 minus MATH-500; test: MATH-500) | math500 | math-hard-l5 | x.jsonl.
+    data_dir: local files laid out like ../shared/data, else the hub."""
     if dataset.endswith(".jsonl"):
         return [problem(r, f"{dataset}:{n}") for n, r in read_jsonl(dataset)], "math"
-    if dataset == "gsm8k":
-        rows = (
-            local("gsm8k", f"{split}.jsonl")
-            if data_dir
-            else from_hub("openai/gsm8k", "main", split=split)
-        )
-        return [problem(r, f"gsm8k {split} row {n}") for n, r in enumerate(rows, 1)], "gsm8k"
-    if dataset not in ("math-hard", "math500", "math-hard-l5"):
+    if dataset not in ("gsm8k", "math-hard", "math500", "math-hard-l5"):
         die(f"unknown dataset {dataset!r}: use gsm8k, math-hard, math500, math-hard-l5 or a .jsonl")
-    lighteval = "DigitalLearningGmbH/MATH-lighteval"
-    if data_dir:
-        m500 = local("math", "math500_test.jsonl")
-    else:
-        m500 = from_hub("HuggingFaceH4/MATH-500", split="test")
+    files = dict(gsm8k=[f"gsm8k/{split}.jsonl"], m500=["math/math500_test.jsonl"],
+                 l5=["math/hard_test.jsonl"], all=["math/train.jsonl", "math/test.jsonl"])  # fmt: skip
+    hub = dict(gsm8k=[("openai/gsm8k", "main", split)], m500=[("HuggingFaceH4/MATH-500", "test")],
+               l5=[("DigitalLearningGmbH/MATH-lighteval", "test")],
+               all=[("DigitalLearningGmbH/MATH-lighteval", s) for s in ("train", "test")])  # fmt: skip
+    get = lambda key: (
+        [r for f in files[key] for _, r in read_jsonl(os.path.join(data_dir, f))]
+        if data_dir
+        else from_hub(hub[key])
+    )
+    if dataset == "gsm8k":
+        return [
+            problem(r, f"gsm8k {split} row {n}") for n, r in enumerate(get("gsm8k"), 1)
+        ], "gsm8k"
+    level = lambda r: int(str(r.get("level", 5))[-1]) if str(r.get("level", 5))[-1].isdigit() else 0
     if dataset == "math-hard" and split == "train":  # the author's "MATH HARD" train set, rebuilt
-        if data_dir:
-            rows = local("math", "train.jsonl") + local("math", "test.jsonl")
-        else:
-            rows = from_hub(lighteval, split="train") + from_hub(lighteval, split="test")
-        test = {r["problem"] for r in m500}
-        level = lambda r: int(str(r["level"]).split()[-1]) if str(r["level"])[-1].isdigit() else 0
-        rows = [r for r in rows if level(r) >= 3 and r["problem"] not in test]
+        test = {r["problem"] for r in get("m500")}
+        rows = [r for r in get("all") if level(r) >= 3 and r["problem"] not in test]
     elif dataset == "math-hard-l5":
-        rows = local("math", "hard_test.jsonl") if data_dir else from_hub(lighteval, split="test")
-        rows = [r for r in rows if str(r.get("level", "5"))[-1] == "5"]
+        rows = [r for r in get("l5") if level(r) == 5]
     else:
-        rows = m500  # math500, and math-hard's test set
+        rows = get("m500")  # math500, and math-hard's test set
     answer = lambda r: r.get("answer") or last_boxed(r["solution"]) or ""
     return [{"question": r["problem"], "answer": answer(r)} for r in rows], "math"
 
 
+def from_hub(names):
+    """Rows of datasets on the Hugging Face hub (the users' path; tests use --data-dir)."""
+    offline = hub_offline()
+    try:
+        import datasets
+
+        return [r for *name, split in names for r in datasets.load_dataset(*name, split=split)]
+    except Exception as e:
+        why = "the hub is unreachable" if offline else type(e).__name__
+        die(f"cannot load {names[0][0]} from the Hugging Face hub ({why}); use --data-dir DIR")
+
+
 def keep_short(rows, template, max_chars):
-    """The author's prompt filter, on train and test alike: the templated prompt has at most
-    max_chars characters (0: keep all). GSM8K: 7473 → 7230 train (225 steps of 32), 1319 → 1265
-    test; MATH-500: 500 → 496."""
+    """The author's filter, train and test: the prompt has at most max_chars characters (0: all).
+    GSM8K: 7473 → 7230 train (225 steps of 32), 1319 → 1265 test; MATH-500: 500 → 496."""
     rows = [dict(r, prompt=template.replace("{question}", r["question"])) for r in rows]
     return [r for r in rows if not max_chars or len(r["prompt"]) <= max_chars]
 
@@ -1070,14 +977,14 @@ def prepare(rows, tok, template, max_chars, model, max_new_tokens, what):
     if not rows:
         die(f"no {what} prompt is within --max-prompt-chars {max_chars}")
     ids = tok([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
-    longest, top = max(map(len, ids)), max(max(x, default=0) for x in ids)
-    context = getattr(model.config, "max_position_embeddings", None) or math.inf
+    longest, top, cfg = max(map(len, ids)), max(max(x, default=0) for x in ids), model.config
+    context = getattr(cfg, "max_position_embeddings", None) or math.inf
     if longest + max_new_tokens > context:
         die(f"a {what} prompt of {longest} tokens + --max-new-tokens {max_new_tokens} exceeds the "
             f"model's context ({context}): lower --max-prompt-chars or --max-new-tokens")  # fmt: skip
-    if top >= model.config.vocab_size:
-        die(f"the tokenizer gives id {top}, beyond the model's vocabulary "
-            f"({model.config.vocab_size}): wrong --tokenizer?")  # fmt: skip
+    if top >= cfg.vocab_size:
+        die(f"the tokenizer gives id {top}, beyond the model's vocabulary ({cfg.vocab_size}): "
+            "wrong --tokenizer?")  # fmt: skip
     return [dict(r, ids=i) for r, i in zip(rows, ids)]
 
 
@@ -1093,22 +1000,20 @@ def load_train_rows(args, tok, model):
     template = args.prompt_template or default_template(args.dataset, task)
     rows = prepare(raw, tok, template, args.max_prompt_chars, model, args.max_new_tokens, "train")
     args.steps = args.steps or max(1, len(rows) // args.prompts_per_step)
-    return rows, task, template
+    return rows, task
 
 
 def step_prompts(step, n_rows, k, seed):
-    """Row indices for a step: consecutive slices of a fresh permutation per epoch — a pure function
-    of (seed, step), so a resumed run sees the same data order."""
-    perm = functools.cache(
-        lambda e: torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + e))
-    )
-    return [perm(j // n_rows)[j % n_rows].item() for j in range(step * k, step * k + k)]
+    """Row indices for a step: consecutive slices of a fresh permutation per epoch, a function of
+    (seed, step): a resumed run sees the same data order."""
+    perm = lambda e: torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + e))
+    perms = {e: perm(e) for e in {j // n_rows for j in range(step * k, step * k + k)}}
+    return [perms[j // n_rows][j % n_rows].item() for j in range(step * k, step * k + k)]
 
 
-def sampling_generator(run, step):
-    """The E-step's noise: a function of (seed, step, process), so a resumed run samples the same."""
-    seed = run.args.seed * 1_000_003 + step * 1009 + run.rank
-    return torch.Generator(run.dev).manual_seed(seed)
+def sampling_generator(seed, step, rank, device):
+    """The E-step's noise, a function of (seed, step, process): a resumed run samples the same."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step * 1009 + rank)
 
 
 # ---- Graders' helpers, and the test score's grade (eval.py imports it)
@@ -1119,9 +1024,9 @@ def extract_answer(completion):
 
 
 def grade(completion, answer, task, verify=True):
-    """One completion's test-score grade, for the in-run evaluation and eval.py alike: `correct` is
-    the training reward's rule, `lenient` the free-form cascade (on GSM8K their gap is format
-    learning); `extracted` is what `correct` read, so that maj@k votes by the same rule."""
+    """A completion's test-score grade, in-run and in eval.py: `correct` is the training reward's
+    rule, `lenient` the free-form cascade (on GSM8K the gap is format learning), `extracted` what
+    `correct` read (maj@k votes by it)."""
     lenient = bool(math_reward(completion, answer, verify))
     if task == "gsm8k":
         correct = bool(gsm8k_reward(completion, answer))
@@ -1132,11 +1037,9 @@ def grade(completion, answer, task, verify=True):
 def last_boxed(text):
     """Content of the last \\boxed{...} (or \\fbox{...}), braces matched; None if there is none."""
     i = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if i < 0:
-        return None
     j = text.find("{", i)
-    if j < 0 or text[i:j].strip() not in ("\\boxed", "\\fbox"):
-        m = re.match(r"\\boxed ([^\s$]+)", text[i:])  # "\boxed 2"
+    if i < 0 or j < 0 or text[i:j].strip() not in ("\\boxed", "\\fbox"):
+        m = re.match(r"\\boxed ([^\s$]+)", text[i:]) if i >= 0 else None  # "\boxed 2"
         return m.group(1) if m else None
     depth = 0
     for k in range(j, len(text)):
@@ -1152,31 +1055,31 @@ def last_number(text):
 
 
 @functools.lru_cache(maxsize=65536)
-def _parse(s):
-    """math-verify's parse of one answer, cached: maj@k never parses the same string twice."""
+def parse_answer(s):
+    """math-verify's parse, cached: maj@k never parses the same string twice."""
     from math_verify import parse
 
     return parse(f"\\boxed{{{s}}}", parsing_timeout=5)
 
 
 def answers_equal(pred, ref, verify=True):
-    """math-verify equivalence (parse 5 s + verify 5 s at most); an error or time-out is 'not
-    equal'. verify=False: equal strings only."""
+    """math-verify equivalence (parse 5 s + verify 5 s at most; an error or time-out: not equal).
+    verify=False: equal strings only."""
     if pred.strip() == ref.strip() or not verify:
         return pred.strip() == ref.strip()
     try:
         from math_verify import verify
 
-        gold, got = _parse(ref), _parse(pred)
+        gold, got = parse_answer(ref), parse_answer(pred)
         return bool(gold and got and verify(gold, got, timeout_seconds=5))
     except Exception:
         return False
 
 
-# ---- The paper's test score during the run, and memory: the worst step met first
+# ---- The test score during the run; memory: the worst step met first
 def load_eval_rows(run):
-    """The held-out set: --eval-dataset, else the training set's own test split (GSM8K test;
-    MATH-500 for math-hard), through the same prompt filter; none for a .jsonl training set."""
+    """run.eval_rows: --eval-dataset, else the training set's test split (GSM8K test; MATH-500 for
+    math-hard), through the same filter; none for a .jsonl training set."""
     a = run.args
     name = a.eval_dataset or ("" if a.dataset.endswith(".jsonl") else a.dataset)
     run.eval_rows, run.eval_task = [], None
@@ -1191,52 +1094,45 @@ def load_eval_rows(run):
 
 @torch.no_grad()
 def evaluate(run, step):
-    """The paper's test score at `step`: θ* decodes the held-out set greedily in batches of
-    run.eval_batch rows, graded by grade() as eval.py grades; the batches' KV cache is freed after.
-    Eager, even with --sampler compiled: a released cache would re-record its graphs. → eval.jsonl"""
+    """The paper's test score: θ* decodes the held-out set greedily, run.eval_batch rows at a time,
+    graded as eval.py grades; the cache is freed after. Eager, even with --sampler compiled: graphs
+    on a cache freed each time would be recaptured each time. → eval.jsonl"""
     if not run.eval_rows or any(e["step"] == step for e in run.evals):
         return
-    a, t0, rows, b = run.args, time.time(), run.eval_rows[run.rank :: run.world], run.eval_batch
-    decoder = make_decoder(run.theta_star, "hf" if a.sampler == "hf" else "static", "bf16")
-    grades, lens = [], []
-    for i in range(0, len(rows), b):
-        run.phase(f"eval {i}/{len(rows)}")
-        ids = [r["ids"] for r in rows[i : i + b]]
-        comps = sample(decoder, ids, 1, a.max_new_tokens, run.eos_ids, run.pad_id, 0)
+    a, t0, rows = run.args, time.time(), run.eval_rows[run.rank :: run.world]
+    decoder, grades, lens = make_decoder(run.theta_star, a.sampler, "bf16"), [], []
+    for i, part in enumerate(chunks(rows, run.eval_batch)):
+        run.phase(f"eval {i * run.eval_batch}/{len(rows)}")
+        comps = sample(
+            decoder, [r["ids"] for r in part], 1, a.max_new_tokens, run.eos_ids, run.pad_id, 0
+        )
         texts = run.tok.batch_decode(comps, skip_special_tokens=True)
-        grades += [grade(t, r["answer"], run.eval_task) for t, r in zip(texts, rows[i : i + b])]
+        grades += [grade(t, r["answer"], run.eval_task)["correct"] for t, r in zip(texts, part)]
         lens += [len(c) for c in comps]
     decoder.free_cache()
     grades, lens = gather_all(grades), gather_all(lens)
-    row = dict(step=step, test_score=sum(g["correct"] for g in grades) / len(grades))
-    if run.eval_task == "gsm8k":
-        row["lenient_score"] = sum(g["lenient"] for g in grades) / len(grades)
-    row.update(
-        mean_len=sum(lens) / len(lens), n=len(grades), batch_rows=b, seconds=time.time() - t0
-    )
+    row = dict(step=step, test_score=sum(grades) / len(grades), mean_len=sum(lens) / len(lens),
+               n=len(grades), batch_rows=run.eval_batch, seconds=time.time() - t0)  # fmt: skip
     run.evals.append(row)
     log_row(run, "eval.jsonl", row)
 
 
 def fit_memory(run, state):
-    """Before step 0, the worst step once (--memory-probe; auto: on CUDA): the E-step's KV cache for
-    every row at the longest prompt + --max-new-tokens, and one M-step forward + backward on a
-    micro-batch of such sequences (no weight change). What does not fit is halved: the M-step's
-    micro-batch, else the E-step's prompts per slice; the evaluation gets the rows that still fit
-    (≤ 512). One line says what was measured and chosen; a resume repeats the choices."""
-    a, N, cuda = run.args, run.args.num_samples, run.dev.type == "cuda"
+    """Before step 0, the worst step once (--memory-probe auto: on CUDA): the E-step's KV cache for
+    all rows at the longest prompt + --max-new-tokens, and an M-step forward + backward on such
+    sequences (no weight change). What does not fit: the cache is freed before each M-step, then the
+    micro-batch halved; the E-step's prompts halved into chunks. The evaluation gets the rows that
+    fit (≤ 512). A resume repeats the run's choices."""
+    a, cuda = run.args, run.dev.type == "cuda"
     fit = dict(estep_prompts=a.prompts_per_step // run.world, keep_cache=True,
                micro_batch_size=a.micro_batch_size, micro_batch_tokens=a.micro_batch_tokens,
                eval_batch=min(a.eval_rows or 512, len(run.eval_rows) or 1))  # fmt: skip
-    probe = a.memory_probe == "on" or (a.memory_probe == "auto" and cuda)
     if state and "fit" in state:
-        fit, probe = state["fit"], False
-    elif not probe:
-        say(
-            f"memory probe skipped ({'--memory-probe off' if cuda else 'no CUDA'}); eval batch {fit['eval_batch']} rows"
-        )
-    if probe:
+        fit = state["fit"]
+    elif a.memory_probe == "on" or (a.memory_probe == "auto" and cuda):
         fit = probe_memory(run, fit)
+    else:
+        say(f"memory probe skipped ({'--memory-probe off' if cuda else 'no CUDA'})")
     run.__dict__.update(fit, fit=fit)
     a.micro_batch_size, a.micro_batch_tokens = fit["micro_batch_size"], fit["micro_batch_tokens"]
     if not fit["keep_cache"] and getattr(run.decoder, "compiled", False):
@@ -1244,79 +1140,66 @@ def fit_memory(run, state):
 
 
 def probe_memory(run, fit):
-    a, N, dev = run.args, run.args.num_samples, run.dev
-    gib = lambda x: f"{x / 2**30:.1f}"
-    mem = torch.cuda.memory_allocated if dev.type == "cuda" else lambda: 0
-    P = max(len(r["ids"]) for r in run.rows + run.eval_rows)
+    a, N, dev, pad = run.args, run.args.num_samples, run.dev, run.pad_id
+    cuda, P = dev.type == "cuda", max(len(r["ids"]) for r in run.rows + run.eval_rows)
+    mem = torch.cuda.memory_allocated if cuda else lambda: 0
     size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
-    # AdamW's two moments appear at the first step: held here so the M-step probe meets them
+    start = mem()  # AdamW's moments appear at the first step; held here, the probe meets them
     moments = torch.empty(
         0 if run.opt.state else 2 * size(run.policy), dtype=torch.uint8, device=dev
     )
-    start = mem()
-    while True:  # the E-step's cache, all rows at full length
+    while True:  # the E-step's KV cache, every row at full length
         try:
-            run.decoder.prefill(
-                *left_pad([[run.pad_id] * P] * fit["estep_prompts"], run.pad_id, dev),
-                N,
-                a.max_new_tokens,
-            )
+            ids, mask = left_pad([[pad] * P] * fit["estep_prompts"], pad, dev)
+            run.decoder.prefill(ids, mask, N, a.max_new_tokens)
             break
         except torch.OutOfMemoryError:
             run.decoder.free_cache()
             if fit["estep_prompts"] == 1:
-                die(
-                    f"out of memory: one prompt's {N} rows of {P} + {a.max_new_tokens} tokens do not fit"
-                )
+                die(f"out of memory: {N} rows of {P} + {a.max_new_tokens} tokens do not fit")
             fit["estep_prompts"] //= 2
-    kv, n_tok = mem() - start, P + a.max_new_tokens
+    kv, key = (
+        mem() - start - moments.numel(),
+        "micro_batch_tokens" if a.micro_batch_tokens else "micro_batch_size",
+    )
     run.policy.train()
-    while True:  # one M-step forward + backward on the longest sequences
-        key = "micro_batch_tokens" if fit["micro_batch_tokens"] else "micro_batch_size"
-        rows = (
-            max(1, fit["micro_batch_tokens"] // n_tok)
-            if fit["micro_batch_tokens"]
-            else fit["micro_batch_size"]
-        )
+    while True:  # an M-step forward + backward on a micro-batch of the longest sequences
+        rows = max(1, fit[key] // (P + a.max_new_tokens)) if a.micro_batch_tokens else fit[key]
         try:
-            torch.cuda.reset_peak_memory_stats() if dev.type == "cuda" else None
+            torch.cuda.reset_peak_memory_stats() if cuda else None
             ids, attn, cmask = collate(
-                [[run.pad_id] * P] * rows, [[run.pad_id] * a.max_new_tokens] * rows, run.pad_id, dev
+                [[pad] * P] * rows, [[pad] * a.max_new_tokens] * rows, pad, dev
             )
             with run.autocast:
-                logp, ent = completion_logprobs(
-                    run.policy, ids, attn, cmask, a.temperature, a.logprob_chunk, a.entropy_coef > 0
+                logp, _ = completion_logprobs(
+                    run.policy, ids, attn, cmask, 1, a.logprob_chunk, a.entropy_coef > 0
                 )
-            (logp.sum() + (0 if ent is None else ent.sum())).backward()
-            peak = torch.cuda.max_memory_allocated() - start if dev.type == "cuda" else 0
+            logp.sum().backward()
             break
         except torch.OutOfMemoryError:
-            if fit["keep_cache"]:  # first the E-step's cache goes before each M-step
-                fit["keep_cache"] = False
-                run.decoder.free_cache()
-            elif rows == 1 or fit[key] == 1:
-                die(f"out of memory: one sequence of {n_tok} tokens does not fit the M-step")
-            else:
-                fit[key] //= 2
+            if not fit["keep_cache"] and rows == 1:
+                die(
+                    f"out of memory: one sequence of {P + a.max_new_tokens} tokens does not fit the M-step"
+                )
+            fit[key] //= 1 if fit["keep_cache"] else 2
+            fit["keep_cache"] = False  # first the E-step's cache goes before each M-step
+            run.decoder.free_cache()
         finally:
             run.policy.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated() - start if cuda else 0
     del moments
-    if dev.type == "cuda":
-        free = (
-            torch.cuda.mem_get_info()[0]
-            + torch.cuda.memory_reserved()
-            - torch.cuda.memory_allocated()
+    if cuda:  # the rows of full length that fit beside the E-step's cache
+        free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - mem()
+        fit["eval_batch"] = max(
+            1, min(fit["eval_batch"], int(0.8 * free * fit["estep_prompts"] * N / max(kv, 1)))
         )
-        per_row = kv / (fit["estep_prompts"] * N) if kv else math.inf
-        fit["eval_batch"] = max(1, min(fit["eval_batch"], int(0.8 * free / per_row)))
-    total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else 0
+    total = torch.cuda.get_device_properties(dev).total_memory if cuda else 0
+    gib = lambda x: f"{x / 2**30:.1f}"
     star = size(run.theta_star) if run.theta_star is not run.policy else 0
-    say(
-        f"memory (GiB of {gib(total)}): weights {gib(size(run.policy))}, optimizer {gib(2 * size(run.policy))}, "
-        f"θ* {gib(star)}, KV cache {gib(kv)}, M-step peak {gib(peak)}; chose: E-step in slices of "
-        f"{fit['estep_prompts']} prompts, {key.replace('_', ' ')} {fit[key]}, KV cache "
-        f"{'kept' if fit['keep_cache'] else 'freed before each M-step'}, eval batch {fit['eval_batch']} rows"
-    )
+    say(f"memory, GiB of {gib(total)}: weights {gib(size(run.policy))}, AdamW {gib(2 * size(run.policy))}, "
+        f"θ* {gib(star)}, KV cache {gib(kv)}, M-step peak {gib(peak)}. Chose: E-step {fit['estep_prompts']} "
+        f"prompts at a time, {flag(key)} {fit[key]}, KV cache {'kept' if fit['keep_cache'] else 'freed'} "
+        f"in the M-step, eval {fit['eval_batch']} rows")  # fmt: skip
     return fit
 
 
@@ -1325,11 +1208,11 @@ def test_score(evals, k=10):
     return sum(e["test_score"] for e in evals[-k:]) / len(evals[-k:]) if evals else None
 
 
-# ---- The run's dir, its progress, logs and checkpoints: nothing lost, nothing half-written
+# ---- The run's dir, progress, logs and checkpoints: nothing lost, nothing half-written
 def open_run_dir(args, rank):
-    """One run per dir, checked before any model loads: a fresh run needs an empty or new dir (or
-    --overwrite); --resume needs a checkpoint and the run's own flags (but those that may change).
-    A lock keeps a second trainer out. → (dir, lock, the checkpoint's state or None)"""
+    """One run a dir, checked before any model loads: a new run needs an empty dir (or --overwrite);
+    --resume a checkpoint and the run's own flags (but those that may change). A lock keeps a second
+    trainer out. → (dir, lock, the checkpoint's state or None)"""
     import fcntl
 
     name = (
@@ -1344,7 +1227,7 @@ def open_run_dir(args, rank):
             lock = open(os.path.join(out, ".lock"), "a")
         except OSError as e:
             die(f"cannot write to --output-dir {out}: {e.strerror}")
-        try:  # a POSIX lock: per process, gone when it ends
+        try:  # a POSIX lock, gone with the process
             fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             die(f"another trainer is running in {out} (it holds {out}/.lock)")
@@ -1352,65 +1235,63 @@ def open_run_dir(args, rank):
         for f in held if args.overwrite else ():
             shutil.rmtree(f) if os.path.isdir(f) else os.remove(f)
         if held and not (args.resume or args.overwrite):
-            die(f"{out} already holds a run: --resume continues it, --overwrite replaces it, "
-                "or pick another --output-dir")  # fmt: skip
+            die(f"{out} already holds a run: --resume continues it, --overwrite replaces it")
+    ckpt = latest_checkpoint(out) if args.resume else None
+    if args.resume and ckpt is None:
+        die(f"--resume: no checkpoint with trainer_state.pt in {out}")
     if not args.resume:
         return out, lock, None
-    ckpt = latest_checkpoint(out)
-    if ckpt is None:
-        die(f"--resume: no checkpoint with trainer_state.pt in {out}")
     try:
         saved = json.load(open(os.path.join(out, "args.json")))
     except (OSError, ValueError):
         die(f"--resume: {out}/args.json is missing or unreadable")
     for f in dataclasses.fields(Args):
-        if not f.metadata["resume"] and f.name in saved and saved[f.name] != getattr(args, f.name):
+        if not f.metadata["resume"] and saved.get(f.name, getattr(args, f.name)) != getattr(
+            args, f.name
+        ):
             die(f"--resume: {flag(f.name)} is {getattr(args, f.name)!r}, the run in {out} used "
                 f"{saved[f.name]!r}; keep it, or start a new --output-dir")  # fmt: skip
-    try:  # tensors, numbers, strings and lists only: a planted object cannot run code; mmap: no copy per process
-        state = torch.load(
-            os.path.join(ckpt, "trainer_state.pt"), map_location="cpu", weights_only=True, mmap=True
-        )
+    path = os.path.join(ckpt, "trainer_state.pt")
+    try:  # weights_only: tensors, numbers, strings and lists; a planted object cannot run code.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no copy
     except (pickle.UnpicklingError, RuntimeError, OSError) as e:
-        die(f"--resume: {ckpt}/trainer_state.pt refused ({str(e).splitlines()[0][:120]})")
+        die(f"--resume: refused {path}: {str(e).splitlines()[0][:160]}")
     return out, lock, dict(state, dir=ckpt)
 
 
 def open_logs(run, state):
-    """Cut the logs back to the checkpoint a run resumes from (a step-s evaluation comes after
-    checkpoint s), keep them in memory for the summaries, write args.json, open --report-to."""
+    """The logs cut back to the checkpoint a run resumes from (a step-s evaluation comes after
+    checkpoint s) and kept for the summaries; args.json; the --report-to writer."""
     a, start = run.args, state["step"] if state else 0
-    log = lambda name, keep: (
+    cut = lambda name, keep: (
         read_log(os.path.join(run.out_dir, name), keep) if run.rank == 0 else []
     )
+    run.metrics = cut("metrics.jsonl", lambda r: r.get("step", 0) <= start)
+    run.evals = cut("eval.jsonl", lambda r: r.get("step", 0) < start)
+    cut("samples.jsonl", lambda r: r.get("step", 0) <= start)
     run.start = run.saved = start
-    run.metrics = log("metrics.jsonl", lambda r: r.get("step", 0) <= start)
-    run.evals = log("eval.jsonl", lambda r: r.get("step", 0) < start)
-    log("samples.jsonl", lambda r: r.get("step", 0) <= start)
     run.stop, run.skipped_in_a_row, run.bar, run.writer = False, 0, None, None
     run.phase = lambda what: run.bar and run.bar.set_description_str(f"{a.algo}: {what}")
-    if run.rank == 0:
-        write_atomic(
-            os.path.join(run.out_dir, "args.json"), json.dumps(dataclasses.asdict(a), indent=1)
-        )
-    if run.rank == 0 and a.report_to != "none":
-        try:
-            if a.report_to == "tensorboard":
-                from torch.utils.tensorboard import SummaryWriter
+    if run.rank:
+        return
+    write_atomic(
+        os.path.join(run.out_dir, "args.json"), json.dumps(dataclasses.asdict(a), indent=1)
+    )
+    try:
+        if a.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
 
-                run.writer = SummaryWriter(os.path.join(run.out_dir, "tensorboard"))
-            else:
-                import wandb
+            run.writer = SummaryWriter(os.path.join(run.out_dir, "tensorboard"))
+        elif a.report_to == "wandb":
+            import wandb
 
-                run.writer = wandb.init(
-                    project="empg", dir=run.out_dir, config=dataclasses.asdict(a)
-                )
-        except ImportError:
-            die(f"--report-to {a.report_to} needs it installed: pip install {a.report_to}")
+            run.writer = wandb.init(project="empg", dir=run.out_dir, config=dataclasses.asdict(a))
+    except ImportError:
+        die(f"--report-to {a.report_to} needs it installed: pip install {a.report_to}")
 
 
 def log_row(run, name, row):
-    """A row of metrics.jsonl or eval.jsonl (rank 0), and the same scalars to --report-to."""
+    """A row of metrics.jsonl or eval.jsonl, and its scalars to --report-to (first process)."""
     if run.rank:
         return
     append_jsonl(os.path.join(run.out_dir, name), [row])
@@ -1419,31 +1300,31 @@ def log_row(run, name, row):
         for k, v in scalars.items():
             run.writer.add_scalar(k, v, row["step"])
         run.writer.flush()
-    elif run.args.report_to == "wandb":
+    elif run.writer:
         run.writer.log(scalars, step=row["step"])
 
 
-def log_step(run, step, metrics, stats, times, batch, comps, texts, rewards):
-    """A metrics row (and a few samples) per step, the progress bar, and the guard against a run of
-    skipped steps."""
+def log_step(run, step, metrics, stats, times, batch, texts, comps, rewards):
+    """A step's metrics row, a few samples, the progress bar; three skipped steps in a row stop."""
     a, N = run.args, run.args.num_samples
     if run.world > 1:
         stats = dict(
             zip(stats, (sum(v) / run.world for v in zip(*gather_all([[*stats.values()]]))))
         )
-    truncated = gather_all([len(c) == a.max_new_tokens and c[-1] not in run.eos_ids for c in comps])
-    completion_tokens = metrics["response_len_mean"] * len(rewards)
-    tokens = sum(gather_all([len(r["ids"]) * N for r in batch])) + completion_tokens
-    m = dict(step=step, **metrics, **stats, truncated_frac=sum(truncated) / len(truncated), **times,
-             estep_tok_s=completion_tokens / times["estep_s"],
-             mstep_tok_s=tokens * a.updates_per_batch / times["mstep_s"], lr=a.lr)  # fmt: skip
+    cut = gather_all([len(c) == a.max_new_tokens and c[-1] not in run.eos_ids for c in comps])
+    new_tokens = metrics["response_len_mean"] * len(cut)
+    tokens = sum(gather_all([len(r["ids"]) * N for r in batch])) + new_tokens
+    speed = dict(estep_tok_s=new_tokens / times["estep_s"],
+                 mstep_tok_s=tokens * a.updates_per_batch / times["mstep_s"], lr=a.lr)  # fmt: skip
+    m = dict(step=step, **metrics, **stats, truncated_frac=sum(cut) / len(cut), **times, **speed)
     run.metrics.append(m)
     log_row(run, "metrics.jsonl", m)
-    if run.rank == 0 and a.log_samples:
-        every = max(1, len(texts) // a.log_samples)
-        picked = list(range(0, len(texts), every))[: a.log_samples]
-        rows = [dict(step=step, prompt=batch[i // N]["prompt"], completion=texts[i],
-                     answer=batch[i // N]["answer"], reward=rewards[i].item()) for i in picked]  # fmt: skip
+    picked = list(range(len(texts)))[:: max(1, len(texts) // max(a.log_samples, 1))][
+        : a.log_samples
+    ]
+    rows = [dict(step=step, prompt=batch[i // N]["prompt"], completion=texts[i],
+                 answer=batch[i // N]["answer"], reward=rewards[i]) for i in picked]  # fmt: skip
+    if run.rank == 0 and rows:
         append_jsonl(os.path.join(run.out_dir, "samples.jsonl"), rows)
     test = f"{run.evals[-1]['test_score']:.3f}" if run.evals else "-"
     run.bar.set_postfix(reward=f"{m['reward_mean']:.3f}", len=f"{m['response_len_mean']:.0f}",
@@ -1456,13 +1337,12 @@ def log_step(run, step, metrics, stats, times, batch, comps, texts, rewards):
 
 
 def progress(run):
-    """The steps still to run, under a progress bar that names the phase; after a Ctrl-C, the step
-    it interrupted is saved and the run exits (130)."""
+    """The steps to run, under a bar that names the phase; after a Ctrl-C's step, exit 130."""
     from tqdm import tqdm
 
-    run.bar = tqdm(total=run.args.steps, initial=run.start, desc=run.args.algo, dynamic_ncols=True,
-                   disable=run.rank > 0)  # fmt: skip
-    for step in range(run.start, run.args.steps):
+    a = run.args
+    run.bar = tqdm(total=a.steps, initial=run.start, desc=a.algo, disable=run.rank > 0)
+    for step in range(run.start, a.steps):
         yield step
         run.bar.update(1)
         if run.stop:
@@ -1474,8 +1354,8 @@ def progress(run):
 
 @contextlib.contextmanager
 def guarded(run):
-    """The loop's guard: the first Ctrl-C finishes the step and saves it (a second quits at once);
-    running out of memory is one line naming what to lower, the newest checkpoint untouched."""
+    """The first Ctrl-C finishes the step and saves it (a second quits at once); out of memory is
+    one line naming what to lower, the newest checkpoint untouched."""
 
     def on_sigint(*_):
         if run.stop:
@@ -1489,40 +1369,36 @@ def guarded(run):
         yield
     except torch.OutOfMemoryError:
         run.bar.close()
-        die(f"out of memory after step {run.bar.n}: lower --micro-batch-tokens (or --micro-batch-size), "
-            f"--max-new-tokens or --eval-rows; the last checkpoint, step {run.saved}, is untouched: "
-            "--resume continues")  # fmt: skip
+        die(f"out of memory in step {run.bar.n + 1}: lower --micro-batch-tokens (or -size), "
+            f"--max-new-tokens or --eval-rows; checkpoint {run.saved} is whole: --resume continues")  # fmt: skip
     finally:
         if old is not None:
             signal.signal(signal.SIGINT, old)
 
 
 def finish(run):
-    """After the last step: the final test score, summary.json, curves.png, where everything went."""
+    """After the last step: the final test score, summary.json, curves.png, where things went."""
     sync_theta_star(run.theta_star, run.policy)
     if run.args.eval_every:
         evaluate(run, run.args.steps)
     rewards = [m["reward_mean"] for m in run.metrics[-10:]]
-    summary = dict(
-        steps=run.args.steps, reward_last10=sum(rewards) / len(rewards) if rewards else None,
-        test_score_last10=test_score(run.evals), evals=len(run.evals),
-        step0_test_score=next((e["test_score"] for e in run.evals if e["step"] == 0), None),
-        checkpoint=latest_checkpoint(run.out_dir), output_dir=run.out_dir,
-    )  # fmt: skip
+    s = dict(steps=run.args.steps, reward_last10=sum(rewards) / len(rewards) if rewards else None,
+             test_score_last10=test_score(run.evals), evals=len(run.evals),
+             step0_test_score=next((e["test_score"] for e in run.evals if e["step"] == 0), None),
+             checkpoint=latest_checkpoint(run.out_dir), output_dir=run.out_dir)  # fmt: skip
+    f = lambda x: "-" if x is None else f"{x:.3f}"
     if run.rank == 0:
-        write_atomic(os.path.join(run.out_dir, "summary.json"), json.dumps(summary, indent=1))
+        write_atomic(os.path.join(run.out_dir, "summary.json"), json.dumps(s, indent=1))
         plot_curves(run)
-        f = lambda x: "-" if x is None else f"{x:.3f}"
-        say(
-            f"done, {run.args.steps} steps; reward, mean of the last 10: {f(summary['reward_last10'])}"
-        )
+        say(f"done, {run.args.steps} steps; reward, mean of the last 10: {f(s['reward_last10'])}")
         if run.evals:
-            say(f"test score (mean of the last 10 evals) {f(summary['test_score_last10'])}; "
-                f"step-0 score {f(summary['step0_test_score'])}")  # fmt: skip
+            say(f"test score (mean of the last 10 evals) {f(s['test_score_last10'])}; "
+                f"step-0 score {f(s['step0_test_score'])}")  # fmt: skip
         say(
             f"in {run.out_dir}: {', '.join(sorted(x for x in os.listdir(run.out_dir) if x[0] != '.'))}"
         )
-        run.writer and run.writer.close() if run.args.report_to == "tensorboard" else run.writer and run.writer.finish()
+        if run.writer:
+            run.writer.close() if run.args.report_to == "tensorboard" else run.writer.finish()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -1532,7 +1408,7 @@ def finish(run):
 
 
 def append_jsonl(path, rows):
-    """One write per row (O_APPEND): a crash leaves at most a torn last line, which read_log drops."""
+    """One write a row (O_APPEND): a crash leaves at most a torn last line, which read_log drops."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         for r in rows:
@@ -1552,8 +1428,7 @@ def write_atomic(path, text):
 
 
 def read_log(path, keep):
-    """The rows of a JSONL log that keep() accepts, rewritten atomically; a torn line (a crash
-    mid-write, a full disk) is dropped with a warning."""
+    """A JSONL log's rows that keep() accepts, rewritten atomically; torn lines dropped, warned."""
     if not os.path.exists(path):
         return []
     rows, torn = [], 0
@@ -1581,34 +1456,30 @@ def latest_checkpoint(out_dir):
 
 
 def save_checkpoint(run, step):
-    """checkpoint-NNNNNN/: a plain HF dir in bf16 (transformers, eval.py and vLLM load it) with the
-    tokenizer and, in the newest checkpoint only, trainer_state.pt: optimizer state, fp32 master
-    weights and the memory choices, for an exact --resume with any number of processes. Written to
-    a temp dir and renamed, Ctrl-C held off until then: a checkpoint is whole and is its step."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    """checkpoint-NNNNNN/: a plain HF dir in bf16 (transformers, eval.py, vLLM load it) and the
+    tokenizer; in the newest only, trainer_state.pt: optimizer state, fp32 master weights and the
+    memory choices (fit), for an exact --resume on any number of processes. Written to a temp dir
+    and renamed, Ctrl-C held off until then: a checkpoint is whole, and is the step it names."""
+    from torch.distributed.checkpoint import state_dict as sd
 
-    o = StateDictOptions(
-        full_state_dict=True, cpu_offload=True
-    )  # gathers FSDP2 shards: a collective
-    model_sd = get_model_state_dict(run.policy, options=o)
-    state = dict(optimizer=get_optimizer_state_dict(run.policy, run.opt, options=o), step=step,
+    o = sd.StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP2: a collective
+    weights = sd.get_model_state_dict(run.policy, options=o)
+    state = dict(optimizer=sd.get_optimizer_state_dict(run.policy, run.opt, options=o), step=step,
                  args=dataclasses.asdict(run.args), fit=run.fit)  # fmt: skip
-    if any(v.dtype == torch.float32 for v in model_sd.values()):
-        state["master"] = model_sd  # fp32 master weights, for an exact resume
+    if any(v.dtype == torch.float32 for v in weights.values()):
+        state["master"] = weights
     final, tmp = (os.path.join(run.out_dir, f"{p}checkpoint-{step:06d}") for p in ("", ".tmp-"))
     with ctrl_c_deferred():
         try:
             if run.rank == 0:
-                write_checkpoint(tmp, run, model_sd, state)
+                write_checkpoint(tmp, run, weights, state)
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)
         except (OSError, RuntimeError) as e:
             shutil.rmtree(tmp, ignore_errors=True)
             why = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
-            die(
-                f"cannot write checkpoint {final} ({why}); the last whole one: {latest_checkpoint(run.out_dir)}"
-            )
+            last = latest_checkpoint(run.out_dir)
+            die(f"cannot write checkpoint {final} ({why}); the last whole one: {last}")
     for d in os.listdir(run.out_dir) if run.rank == 0 else ():  # optimizer state: the newest only
         old = os.path.join(run.out_dir, d, "trainer_state.pt")
         if d.startswith("checkpoint-") and d != os.path.basename(final) and os.path.exists(old):
@@ -1618,11 +1489,11 @@ def save_checkpoint(run, step):
         dist.barrier()
 
 
-def write_checkpoint(path, run, model_sd, state):
+def write_checkpoint(path, run, weights, state):
     p = run.policy
-    bf16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in model_sd.items()}
+    bf16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in weights.items()}
     if p.get_output_embeddings().weight is p.get_input_embeddings().weight:
-        bf16.pop("lm_head.weight", None)  # the full state dict holds a tied weight twice
+        bf16.pop("lm_head.weight", None)  # a tied weight, held twice in the full state dict
     p.save_pretrained(path, state_dict=bf16)
     cfg = json.load(open(os.path.join(path, "config.json")))
     write_atomic(
@@ -1634,8 +1505,7 @@ def write_checkpoint(path, run, model_sd, state):
 
 @contextlib.contextmanager
 def ctrl_c_deferred():
-    """SIGINT is recorded, not acted on, inside the block; on leaving it goes to the handler that
-    was there (KeyboardInterrupt, or the trainer's "finish this step")."""
+    """SIGINT recorded, not acted on, inside the block; on leaving, delivered to the handler."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -1649,7 +1519,7 @@ def ctrl_c_deferred():
             old(*got[0])
 
 
-# The paper's test score along a run, read off its figures (../shared/reference/paper.md)
+# The paper's EMPG test score along a run, read off its figures (../shared/reference/paper.md)
 PAPER_CURVES = {
     ("Qwen2.5-1.5B", "gsm8k"): [(0, 0.245), (20, 0.675), (50, 0.70), (225, 0.745)],
     ("Qwen2.5-1.5B", "math-hard"): [(0, 0.018), (25, 0.42), (80, 0.56), (225, 0.58)],
@@ -1660,7 +1530,7 @@ PAPER_CURVES = {
 
 
 def plot_curves(run):
-    """curves.png: reward and test score, response length and truncation, where the time goes."""
+    """curves.png: reward and test score, length and truncation, where the time goes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1668,26 +1538,25 @@ def plot_curves(run):
 
     m, e, a = run.metrics, run.evals, run.args
     col = lambda rows, k: [r[k] for r in rows]
+    hours = lambda rows, k: [sum(col(rows[: i + 1], k)) / 3600 for i in range(len(rows))]
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    ax[0].plot(col(m, "step"), col(m, "reward_mean"), label="training reward (T = 1 samples)")
+    ax[0].plot(col(m, "step"), col(m, "reward_mean"), label="training reward (samples at T)")
     ax[0].plot(col(e, "step"), col(e, "test_score"), "o-", label="test score (greedy)")
     paper = PAPER_CURVES.get((os.path.basename(a.model.rstrip("/")), a.dataset))
     if paper:
         ax[0].plot(*zip(*paper), "k+--", label="the paper's EMPG test score")
-    ax[1].plot(col(m, "step"), col(m, "response_len_mean"), label="mean response length (tokens)")
-    twin = ax[1].twinx()
-    twin.plot(col(m, "step"), col(m, "truncated_frac"), "r:", label="truncated at --max-new-tokens")
-    twin.set_ylabel("fraction truncated", color="r")
-    hours = lambda rows, k: [sum(col(rows[: i + 1], k)) / 3600 for i in range(len(rows))]
+    ax[1].plot(col(m, "step"), col(m, "response_len_mean"), label="mean response length")
+    ax[1].plot([], [], "r:", label="truncated (right axis)")
+    ax[1].twinx().plot(col(m, "step"), col(m, "truncated_frac"), "r:")
     ax[2].plot(col(m, "step"), hours(m, "estep_s"), label="E-step (sampling)")
     ax[2].plot(col(m, "step"), hours(m, "mstep_s"), label="M-step (training)")
     ax[2].plot(col(e, "step"), hours(e, "seconds"), "o-", label="evaluation")
-    ylabels = ("reward / score", "tokens", "hours, cumulative")
-    for x, title, y in zip(ax, ("Is it learning?", "Length", "Where the time goes"), ylabels):
+    titles = ("Is it learning?", "Response length", "Where the time goes")
+    for x, title, y in zip(ax, titles, ("reward, score", "tokens", "hours, cumulative")):
         x.set(title=title, xlabel="step", ylabel=y)
-        x.legend(loc="best", fontsize=8)
+        x.legend(fontsize=8)
     fig.suptitle(
-        f"{a.algo} · {os.path.basename(a.model.rstrip('/'))} · {os.path.basename(a.dataset)}"
+        f"{a.algo}: {os.path.basename(a.model.rstrip('/'))} on {os.path.basename(a.dataset)}"
     )
     fig.tight_layout()
     fig.savefig(os.path.join(run.out_dir, "curves.png"), dpi=80)
@@ -1696,65 +1565,75 @@ def plot_curves(run):
 
 # ---- Benchmark (`--benchmark`: random prompts; a config-only --model will do)
 def benchmark(args):
-    """Our E-step against model.generate() on the same prompts and lengths (its dynamic cache, and
-    its static cache, compiled on CUDA as transformers does), one M-step on our samples, one greedy
-    evaluation batch; the run projected. Every row decodes to the cap (no EOS): the same work for
-    all, an upper bound. One JSON line."""
+    """Our E-step against generate() on the same prompts (its dynamic cache, and its static cache,
+    compiled on CUDA by transformers), an M-step on our samples, a greedy eval batch, the run
+    projected. Rows decode to the cap (no EOS): the same work for all, an upper bound."""
     dev, dtype = device_and_dtype(args)
     policy = load_policy(args, dev, None)
     theta_star = frozen_copy(policy, dtype) if dtype != policy.dtype else policy
-    opt = make_optimizer(policy, args, dev)
-    decoder = make_decoder(theta_star, args.sampler, args.master_dtype)
-    autocast = torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)
-    g, res = torch.Generator().manual_seed(args.seed), {}
-    vocab = min(policy.config.vocab_size, 151643)  # below Qwen's special tokens
+    opt, decoder = (
+        make_optimizer(policy, args, dev),
+        make_decoder(theta_star, args.sampler, args.master_dtype),
+    )
+    g, res, n, T = (
+        torch.Generator().manual_seed(args.seed),
+        {},
+        args.num_samples,
+        args.max_new_tokens,
+    )
     lengths = torch.randint(64, 129, (args.prompts_per_step,), generator=g).tolist()
-    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
-    n, T, cuda = args.num_samples, args.max_new_tokens, dev.type == "cuda"
+    vocab = min(policy.config.vocab_size, 151643)  # below Qwen's special tokens
+    prompts = [torch.randint(0, vocab, (k,), generator=g).tolist() for k in lengths]
     tokens = len(prompts) * n * T
     ours = lambda: sample(
         decoder, prompts, n, T, set(), 0, args.temperature, torch.Generator(dev).manual_seed(0)
     )
     timed(ours, res, "ours_first_s")  # allocates the KV cache (and compiles)
     comps = timed(ours, res, "ours_s", "estep_peak_mem_gib")  # what a later step costs
+    res["ours_tok_s"] = tokens / res["ours_s"]
     decoder.free_cache()
-    for cache in ("dynamic", "static"):  # static: transformers compiles it on CUDA, first call
+    for cache in ("dynamic", "static"):
         gen = lambda: generate_like_sample(theta_star, prompts, n, T, args.temperature, cache)
         timed(gen, res, f"generate_{cache}_first_s")
         timed(gen, res, f"generate_{cache}_s")
         res[f"generate_{cache}_tok_s"] = tokens / res[f"generate_{cache}_s"]
         res[f"speedup_vs_{cache}"] = res[f"generate_{cache}_s"] / res["ours_s"]
-    res["ours_tok_s"] = tokens / res["ours_s"]
     reps, adv = [p for p in prompts for _ in range(n)], torch.randn(len(comps))
-    mstep = lambda: m_step(policy, opt, reps, comps, adv, args, None, autocast)
-    timed(mstep, res, "mstep_s", "peak_mem_gib")
+    autocast = torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)
+    timed(
+        lambda: m_step(policy, opt, reps, comps, adv, args, None, autocast),
+        res,
+        "mstep_s",
+        "peak_mem_gib",
+    )
     m_tokens = (sum(map(len, reps)) + tokens) * args.updates_per_batch
     res["mstep_tok_s"] = m_tokens / res["mstep_s"]
-    if cuda:
+    if dev.type == "cuda":
         res["mfu"] = mfu(policy, m_tokens, tokens * args.updates_per_batch, res["mstep_s"])
-    # the evaluation: greedy batches of its own row count, decoded eagerly (evaluate())
-    rows = args.eval_rows or 512
     problems = args.eval_limit or {"math-hard": 496}.get(args.dataset, 1265)  # after the filter
-    eager = make_decoder(theta_star, "hf" if args.sampler == "hf" else "static", "bf16")
-    batch = [prompts[i % len(prompts)] for i in range(min(rows, problems))]
-    timed(lambda: sample(eager, batch, 1, T, set(), 0, 0), res, "eval_batch_s")
-    steps = args.steps or 225
-    evals = (steps // args.eval_every + 1 + (steps % args.eval_every > 0)) if args.eval_every else 0
+    batch = [prompts[i % len(prompts)] for i in range(min(args.eval_rows or 512, problems))]
+    timed(
+        lambda: sample(make_decoder(theta_star, args.sampler, "bf16"), batch, 1, T, set(), 0, 0),
+        res,
+        "eval_batch_s",
+    )
+    steps, every = args.steps or 225, args.eval_every
+    evals = steps // every + 1 + (steps % every > 0) if every else 0
     res["projected_train_h"] = steps * (res["ours_s"] + res["mstep_s"]) / 3600
     res["projected_eval_h"] = evals * -(-problems // len(batch)) * res["eval_batch_s"] / 3600
     res["projected_run_h"] = res["projected_train_h"] + res["projected_eval_h"]
-    compiled = " (compiled)" if getattr(decoder, "compiled", False) else ""
-    res.update(sampler=type(decoder).__name__ + compiled, master_dtype=args.master_dtype, model=args.model,
-               device=torch.cuda.get_device_name() if cuda else "cpu", prompts=len(prompts),
-               num_samples=n, max_new_tokens=T, eval_rows=len(batch), eval_problems=problems)  # fmt: skip
+    res.update(sampler=type(decoder).__name__ + " (compiled)" * getattr(decoder, "compiled", False),
+               device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", model=args.model,
+               master_dtype=args.master_dtype, prompts=len(prompts), num_samples=n, max_new_tokens=T,
+               eval_rows=len(batch), eval_problems=problems)  # fmt: skip
     print(json.dumps(res))
     return res
 
 
 def mfu(policy, tokens, completion_tokens, seconds, peak=989e12):
-    """Model flops utilization against an H100's dense bf16 peak: 8 flops per token and weight (2
-    forward, 2 checkpointed recompute, 4 backward) for the decoder on every token, and for the vocab
-    projection on completion tokens only; the embedding is a lookup, attention's flops left out."""
+    """Model flops utilization against an H100's dense bf16 peak: 8 flops a token and weight (2
+    forward, 2 recompute, 4 backward), the vocab projection on completion tokens only; the
+    embedding is a lookup, attention's flops left out."""
     emb, head = policy.get_input_embeddings().weight, policy.get_output_embeddings().weight
     body = sum(p.numel() for p in policy.parameters()) - head.numel()
     body -= 0 if emb is head else emb.numel()
@@ -1762,13 +1641,12 @@ def mfu(policy, tokens, completion_tokens, seconds, peak=989e12):
 
 
 def timed(fn, res, key, peak_key=None):
-    """fn() timed into res[key], with the device's peak memory into res[peak_key] on CUDA."""
+    """fn() timed into res[key]; on CUDA its peak memory into res[peak_key]."""
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t = time.time()
-    out = fn()
+    t, out = time.time(), fn()
     if cuda:
         torch.cuda.synchronize()
         res.update({peak_key: torch.cuda.max_memory_allocated() / 2**30} if peak_key else {})
@@ -1779,17 +1657,10 @@ def timed(fn, res, key, peak_key=None):
 def generate_like_sample(model, prompts, n, max_new_tokens, temperature=1.0, cache="dynamic"):
     """model.generate() on the same prompts and lengths as sample(): the library's own paths."""
     ids, mask = left_pad(prompts, 0, model.device)
-    kw = dict(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens,
-        pad_token_id=0,
-        num_return_sequences=n,
-    )
-    if cache == "static":
-        kw.update(cache_implementation="static")
-    if temperature > 0:
-        kw.update(temperature=temperature, top_k=0, top_p=1.0)
-    return model.generate(ids, attention_mask=mask, do_sample=temperature > 0, **kw)
+    kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=0,
+              num_return_sequences=n, do_sample=temperature > 0, cache_implementation=cache)  # fmt: skip
+    kw.update(dict(temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else {})
+    return model.generate(ids, attention_mask=mask, **kw)
 
 
 if __name__ == "__main__":

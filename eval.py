@@ -113,7 +113,8 @@ def score_problem(question, answer, completions, task, lengths=None, truncated=N
                 lengths=lengths or [len(c) for c in completions],
                 truncated=truncated or [False] * len(completions),
                 markers=[count_markers(c) for c in completions],
-                pass_at_k=pass_at_k(len(grades), sum(correct), k), maj_correct=maj_ok, maj_answer=maj)  # fmt: skip
+                pass_at_k=pass_at_k(len(grades), sum(correct), k), maj_correct=maj_ok,
+                maj_answer=maj)  # fmt: skip
 
 
 def mean_and_se(per_problem):
@@ -149,7 +150,7 @@ def sample_and_score(model_name, label, rows, task, template, args):
     dev, dtype = empg.device_and_dtype(args)
     model = empg.load_model(model_name, dev, dtype, insist_cpu=args.device == "cpu").eval()
     tok = empg.load_tokenizer(args.tokenizer or model_name)
-    eos = empg.stop_ids(tok, model, template, args.stop_at_im_end)
+    eos = empg.stop_ids(tok, model, args.stop_at_im_end)
     rows = empg.prepare(rows, tok, template, 0, model, args.max_new_tokens, "test")
     decoder = empg.make_decoder(model, args.sampler)
     out, bar = [], tqdm(total=len(rows), desc=label, dynamic_ncols=True)

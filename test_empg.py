@@ -365,9 +365,7 @@ def test_compiled_decoder_has_a_known_bounded_set_of_graphs_and_equals_static(mo
     assert sample(model, other, 2, 12, set(), 0, 0, decoder=dec) == static(other, 2, 12)
     assert graphs() - before == 3
     # another row count (e.g. eval's last batch) reallocates: its three windows, three graphs more
-    assert sample(model, prompts[:2], 2, 16, set(), 0, 0, decoder=dec) == static(
-        prompts[:2], 2, 16
-    )
+    assert sample(model, prompts[:2], 2, 16, set(), 0, 0, decoder=dec) == static(prompts[:2], 2, 16)
     assert graphs() - before == 6 == dec.graph_bound <= torch._dynamo.config.recompile_limit
     assert dec.compiled  # never fell back to eager
 
@@ -971,8 +969,12 @@ def test_benchmark_prints_its_json_line(model_dir):
     for k in ("ours_tok_s", "generate_dynamic_tok_s", "generate_static_tok_s", "mstep_tok_s"):
         assert res[k] > 0
     for cache in ("dynamic", "static"):  # both of transformers' generate() paths, same work
-        assert res[f"speedup_vs_{cache}"] == pytest.approx(res[f"generate_{cache}_s"] / res["ours_s"])
-    assert res["projected_run_h"] == pytest.approx(res["projected_train_h"] + res["projected_eval_h"])
+        assert res[f"speedup_vs_{cache}"] == pytest.approx(
+            res[f"generate_{cache}_s"] / res["ours_s"]
+        )
+    assert res["projected_run_h"] == pytest.approx(
+        res["projected_train_h"] + res["projected_eval_h"]
+    )
     assert res["projected_eval_h"] > 0 and res["eval_rows"] == 512  # one batch of 512 rows
 
 
@@ -1435,3 +1437,212 @@ def test_the_in_run_score_is_eval_py_score(tmp_path):
                      "--prompt-template", "{question}=", "--max-new-tokens", "2", "--batch-size", "64",
                      "--dtype", "fp32", "--output-dir", str(tmp_path / "e")])  # fmt: skip
     assert next(iter(s.values()))["accuracy"] == pytest.approx(final["test_score"])
+
+
+# ---------------------------------------------------------------- memory: the worst step first; out of memory anywhere
+def inject_oom(monkeypatch, tokens=math.inf, prefill_rows=math.inf):
+    """Qwen2's forward raises torch.OutOfMemoryError above `tokens` input tokens, or for a prefill (a
+    forward that fills a KV cache) of more than `prefill_rows` prompts."""
+    from transformers import Qwen2ForCausalLM
+
+    real = Qwen2ForCausalLM.forward
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, **kw):
+        if input_ids.numel() > tokens or (cache is not None and input_ids.shape[0] > prefill_rows):
+            raise torch.OutOfMemoryError("injected")
+        return real(self, input_ids, attention_mask, position_ids, cache, **kw)
+
+    monkeypatch.setattr(Qwen2ForCausalLM, "forward", forward)
+
+
+def master_weights(out, step):
+    return torch.load(os.path.join(out, f"checkpoint-{step:06d}", "trainer_state.pt"))["master"]
+
+
+def test_the_memory_probe_halves_the_micro_batch_and_the_step_is_unchanged(
+    model_dir, toy_jsonl, tmp_path, monkeypatch, capsys
+):
+    """Sequences are 1 prompt + 6 completion tokens: the probe's micro-batch of 4 (28 tokens) does not
+    fit under 14, so the KV cache is freed before each M-step and then the micro-batch halved to 2."""
+    argv = lambda out, *x: train_argv(model_dir, out, toy_jsonl, "--steps", "2", "--seed", "1", *x)
+    small = str(tmp_path / "small")
+    empg.train(empg.parse_args(argv(small, "--micro-batch-size", "2")))  # no probe on a CPU
+    assert "memory probe skipped (no CUDA)" in capsys.readouterr().err
+    inject_oom(monkeypatch, tokens=14)
+    probed = str(tmp_path / "probed")
+    empg.train(empg.parse_args(argv(probed, "--memory-probe", "on")))
+    line = [l for l in capsys.readouterr().err.splitlines() if "memory, GiB" in l]
+    assert len(line) == 1 and "--micro-batch-size 2" in line[0] and "KV cache freed" in line[0]
+    a, b = master_weights(small, 2), master_weights(probed, 2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], v) for k, v in AutoModel(model_dir).state_dict().items())
+
+
+def AutoModel(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_the_e_step_in_chunks_gives_every_sample_and_resumes_exactly(
+    model_dir, toy_jsonl, tmp_path, monkeypatch, capsys
+):
+    inject_oom(monkeypatch, prefill_rows=1)  # two prompts' prefill does not fit; one does
+    argv = lambda out, steps, *x: train_argv(model_dir, out, toy_jsonl, "--steps", steps, "--save-every", "2",
+                                             "--memory-probe", "on", "--log-samples", "6", "--seed", "1", *x)  # fmt: skip
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    empg.train(empg.parse_args(argv(full, "4")))
+    assert "E-step 1 prompts at a time" in capsys.readouterr().err
+    samples = read_jsonl(os.path.join(full, "samples.jsonl"))
+    assert [sum(s["step"] == t for s in samples) for t in (1, 2, 3, 4)] == [6] * 4  # 2 prompts × 3
+    empg.train(empg.parse_args(argv(part, "2")))
+    empg.train(empg.parse_args(argv(part, "4", "--resume")))  # the run's choice, not a new probe
+    assert "memory, GiB" not in capsys.readouterr().err.split("empg: done")[-2]
+    a, b = master_weights(full, 4), master_weights(part, 4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_jsonl(os.path.join(full, "metrics.jsonl"))[-1]["loss"] == pytest.approx(
+        read_jsonl(os.path.join(part, "metrics.jsonl"))[-1]["loss"], abs=0
+    )
+
+
+def test_out_of_memory_mid_run_is_one_line_and_resume_continues(
+    model_dir, toy_jsonl, tmp_path, monkeypatch, capsys
+):
+    out, real, calls = str(tmp_path / "o"), empg.m_step, []
+
+    def m_step(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(empg, "m_step", m_step)
+    argv = lambda *x: train_argv(model_dir, out, toy_jsonl, "--steps", "4", "--save-every", "2", *x)
+    with pytest.raises(SystemExit) as e:
+        empg.train(empg.parse_args(argv()))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and last.startswith("empg: error: out of memory in step 3: lower")
+    assert "checkpoint 2 is whole: --resume continues" in last
+    assert sorted(d for d in os.listdir(out) if "checkpoint" in d) == ["checkpoint-000002"]
+    AutoModel(os.path.join(out, "checkpoint-000002"))  # loadable
+    monkeypatch.setattr(empg, "m_step", real)
+    empg.train(empg.parse_args(argv("--resume")))
+    assert [m["step"] for m in read_jsonl(os.path.join(out, "metrics.jsonl"))] == [1, 2, 3, 4]
+
+
+class Planted:
+    """A pickle that runs a shell command when loaded."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_resume_refuses_a_planted_object_in_trainer_state(model_dir, toy_jsonl, tmp_path, capsys):
+    out, marker = str(tmp_path / "o"), tmp_path / "pwned"
+    empg.train(empg.parse_args(train_argv(model_dir, out, toy_jsonl, "--steps", "2")))
+    state = os.path.join(out, "checkpoint-000002", "trainer_state.pt")
+    torch.save(dict(torch.load(state), step=2, extra=Planted(marker)), state)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        empg.train(
+            empg.parse_args(train_argv(model_dir, out, toy_jsonl, "--steps", "3", "--resume"))
+        )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--resume: refused" in err[0]
+    assert not marker.exists()
+
+
+def test_eval_has_its_own_row_count_and_grades_alike_at_two(tmp_path):
+    """40 problems and a 4-row E-step: on a CPU one eval batch of 40 rows; 7 rows a batch grade alike."""
+    toy, sums = (
+        os.path.join(HERE, "fixtures", "toy"),
+        os.path.join(HERE, "fixtures", "toy", "sums.jsonl"),
+    )
+    argv = lambda out, *x: ["--model", toy, "--dataset", sums, "--eval-dataset", sums, "--eval-limit", "40",
+                            "--prompts-per-step", "2", "--num-samples", "2", "--max-new-tokens", "6",
+                            "--steps", "2", "--eval-every", "1", "--lr", "3e-3", "--output-dir", out, *x]  # fmt: skip
+    empg.train(empg.parse_args(argv(str(tmp_path / "a"))))
+    empg.train(empg.parse_args(argv(str(tmp_path / "b"), "--eval-rows", "7")))
+    a, b = (read_jsonl(str(tmp_path / d / "eval.jsonl")) for d in "ab")
+    assert [e["batch_rows"] for e in a] == [40] * 3 and [e["batch_rows"] for e in b] == [7] * 3
+    for x, y in zip(a, b):
+        assert (x["step"], x["test_score"], x["mean_len"], x["n"]) == (
+            y["step"],
+            y["test_score"],
+            y["mean_len"],
+            y["n"],
+        )
+    model, rows = tiny_model(std=0.5), [[5 + i % 40, 6 + i % 7] for i in range(40)]
+    dec = empg.make_decoder(model, "static")
+    whole = empg.sample(dec, rows, 1, 12, {7, 9}, 0, 0)
+    assert whole == [
+        c for i in range(0, 40, 7) for c in empg.sample(dec, rows[i : i + 7], 1, 12, {7, 9}, 0, 0)
+    ]
+    assert len({len(c) for c in whole}) > 1  # some rows stopped early
+
+
+def test_report_to_tensorboard_writes_the_logs_scalars(model_dir, toy_jsonl, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = str(tmp_path / "o")
+    argv = train_argv(model_dir, out, toy_jsonl, "--steps", "3", "--eval-every", "2", "--eval-dataset",
+                      toy_jsonl, "--report-to", "tensorboard")  # fmt: skip
+    empg.train(empg.parse_args(argv))
+    acc = EventAccumulator(os.path.join(out, "tensorboard"))
+    acc.Reload()
+    for name, tag in (("metrics", "reward_mean"), ("metrics", "loss"), ("eval", "test_score")):
+        rows = read_jsonl(os.path.join(out, f"{name}.jsonl"))
+        got = [(s.step, s.value) for s in acc.Scalars(f"{name}/{tag}")]
+        assert got == [(r["step"], pytest.approx(r[tag], rel=1e-6)) for r in rows], tag
+    assert [s.step for s in acc.Scalars("eval/test_score")] == [0, 2, 3]
+
+
+def test_report_to_a_missing_package_is_one_line(model_dir, toy_jsonl, tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed here")
+    argv = train_argv(model_dir, str(tmp_path / "o"), toy_jsonl, "--report-to", "wandb")
+    assert "--report-to wandb needs it installed: pip install wandb" in bad(argv, capsys)
+
+
+def test_curves_png_is_drawn_at_the_end(model_dir, toy_jsonl, tmp_path):
+    out = str(tmp_path / "o")
+    empg.train(empg.parse_args(train_argv(model_dir, out, toy_jsonl, "--steps", "2")))
+    png = open(os.path.join(out, "curves.png"), "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_score_gives_the_advantages_and_its_metrics():
+    args = empg.Args(num_samples=2, reward_norm="token")
+    r, lens = torch.tensor([1.0, 0.0, 0.0, 0.0]), torch.tensor([3, 1, 1, 1])
+    adv, m = empg.score(r, lens, args)
+    # token-weighted: μ = 3/6, σ² = (3·¼ + 3·¼)/5 = 0.3 → z = ±0.5/√0.3
+    z = 0.5 / math.sqrt(0.3 + 1e-8)
+    want = 2 * (torch.sigmoid(torch.tensor([z, -z, -z, -z])) - 0.5)
+    assert torch.allclose(adv, want) and m["adv_abs_mean"] == pytest.approx(
+        want.abs().mean().item()
+    )
+    assert m["reward_mean"] == 0.25 and m["reward_std"] == pytest.approx(0.5)
+    assert m["response_len_mean"] == 1.5
+
+
+def test_clip_frac_counts_the_tokens_whose_clip_is_active():
+    """verl's count: ρ = 1.5 clips when A > 0, not when A < 0; ρ = 0.5 the other way round."""
+    args = empg.Args(algo="grpo", clip_eps=0.2)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.0]]))
+    old, mask = torch.zeros(1, 3), torch.ones(1, 3)
+    frac = lambda a: empg.micro_batch_loss(logp, old, None, None, mask, torch.tensor([a]), args)[1][
+        "clip_frac"
+    ]
+    assert frac(1.0).item() == pytest.approx(1 / 3) and frac(-1.0).item() == pytest.approx(1 / 3)
+    assert frac(0.0).item() == 0
+
+
+def test_completions_stop_at_the_models_eos_unless_asked():
+    tok, model = char_tokenizer(), tiny_model()
+    assert empg.stop_ids(tok, model) == {0}  # <|endoftext|>: the author's MATH rollouts
+    assert empg.stop_ids(tok, model, im_end=True) == {0, 1}  # --stop-at-im-end

@@ -199,7 +199,7 @@ def test_maj_at_k_parses_each_answer_once_and_keeps_to_its_budget(monkeypatch):
     calls = []
     real = math_verify.parse
     monkeypatch.setattr(math_verify, "parse", lambda *a, **k: calls.append(a) or real(*a, **k))
-    ev.empg._parse.cache_clear()
+    ev.empg.parse_answer.cache_clear()
     answers = [f"\\frac{{{i}}}{{{i + 7}}}" for i in range(8)]  # 8 different answers: 28 comparisons
     assert ev.majority_vote(answers) == answers[0]
     assert len(calls) == 8  # one parse per distinct answer, not two per comparison
@@ -303,7 +303,7 @@ def test_grading_one_problem_keeps_to_its_budget(monkeypatch):
     monkeypatch.setattr(math_verify, "verify", slow)
     monkeypatch.setattr(ev, "GRADE_BUDGET_S", 0.1)
     monkeypatch.setattr(ev, "MAJ_BUDGET_S", 0.1)
-    ev.empg._parse.cache_clear()
+    ev.empg.parse_answer.cache_clear()
     comps = [f"\\boxed{{\\frac{{{i}}}{{{i + 3}}}}}" for i in range(8)] + ["\\boxed{2}"]
     r = ev.score_problem("q", "2", comps, "math")
     # one verify in grading, one in maj@k (each budget then spent), one for the majority answer itself;
