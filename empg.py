@@ -27,7 +27,7 @@ import torch.nn.functional as F
 # ==================================================================================================
 
 
-# ---- Arguments: one line a flag gives it --help, args.json, a bound and the --resume check
+# ---- Arguments: a line a flag gives --help, args.json, a bound and the --resume check
 def arg(default, help, choices="", bounds="[0, inf)", resume=False):
     kind = type(default) if default is not None else int  # None: the dataset's preset (PRESETS)
     meta = dict(help=help, choices=choices.split(), kind=kind, bounds=bounds, resume=resume)
@@ -45,10 +45,10 @@ class Args:
     clip_eps: float = arg(0.2, "PPO clip ε (grpo only)", bounds="(0, 1)")
     updates_per_batch: int = arg(1, "optimizer steps per E-step (paper: 1)", bounds="[1, inf)")
     # data and E-step
-    model: str = arg("Qwen/Qwen2.5-1.5B", "hub name or local dir (config only: random weights)")
+    model: str = arg("Qwen/Qwen2.5-1.5B", "hub name or local dir (a config alone: random weights)")
     tokenizer: str = arg("", "hub name or local dir (default: --model)")
     dataset: str = arg("gsm8k", "gsm8k, math-hard, or a .jsonl of {question, answer} rows")
-    data_dir: str = arg("", "local folder laid out like ../shared/data (default: the hub)")
+    data_dir: str = arg("", "a local copy laid out like ../shared/data")
     prompt_template: str = arg("", "prompt with a {question} placeholder (default: the dataset's)")
     max_prompt_chars: int = arg(None, "drop longer prompts (author: gsm8k 512, math-hard 1024)")
     stop_at_im_end: bool = arg(False, "end at <|im_end|> too (faster; author: the model's EOS)")
@@ -71,7 +71,7 @@ class Args:
     gradient_checkpointing: str = arg("auto", "recompute activations (auto: CUDA)", "auto on off")
     dtype: str = arg("auto", "compute dtype (auto: bf16 on CUDA)", "auto bf16 fp32")
     master_dtype: str = arg("fp32", "weights, AdamW state (bf16: stochastic rounding)", "fp32 bf16")
-    device: str = arg("auto", "auto, cuda, cuda:N or cpu (≥ 1B parameters on a CPU: say cpu)")
+    device: str = arg("auto", "auto, cuda, cuda:N or cpu")
     memory_probe: str = arg("auto", "the worst step before step 0 (auto: CUDA)", "auto on off")
     # evaluation: the paper's test score
     eval_every: int = arg(5, "greedy test score at step 0, every K, at the end", resume=True)
@@ -85,7 +85,7 @@ class Args:
     log_samples: int = arg(4, "completions per step into samples.jsonl", resume=True)
     report_to: str = arg("none", "also log to", "none tensorboard wandb", resume=True)
     resume: bool = arg(False, "continue the run in --output-dir", resume=True)
-    overwrite: bool = arg(False, "delete what --output-dir holds and start afresh", resume=True)
+    overwrite: bool = arg(False, "delete what --output-dir holds", resume=True)
     benchmark: bool = arg(False, "time an E-step and an M-step; print JSON", resume=True)
 
 
@@ -100,7 +100,7 @@ OURS = dict(num_samples=8, max_new_tokens=1024, max_prompt_chars=0)
 
 # ---- Graders: load_problems() (Part II) gives rows {question, answer}, prompted by the templates
 def hash_answer(text):
-    """The author's strict rule: `#### (-?[0-9.,]+)`, first match (so '#### 18.' ≠ '18', '####18': None)."""
+    """The author's strict rule, `#### (-?[0-9.,]+)`: '#### 18.' ≠ '18'; '####18' reads None."""
     m = re.search(r"#### (\-?[0-9\.\,]+)", text)
     return m.group(1).replace(",", "").replace("$", "") if m else None
 
@@ -126,8 +126,8 @@ REWARDS = {"gsm8k": gsm8k_reward, "math": math_reward}
 
 # ---- E-step: N completions per prompt from the frozen θ*
 def next_token(logits, temperature, generator=None):
-    """Greedy at temperature 0, else an exact sample of softmax(logits / T): the exponential race
-    argmax(p / E) = argmax(logits − T·log E), E = −log U ~ Exp(1) (uniform_: 1/5 of exponential_'s time)."""
+    """Greedy at T = 0, else an exact sample of softmax(logits / T): the exponential race argmax(p/E)
+    = argmax(logits − T·log E), E = −log U ~ Exp(1) (uniform_ is 5× cheaper than exponential_)."""
     if temperature == 0:
         return logits.argmax(-1)
     log_e = torch.empty_like(logits, dtype=torch.float32).uniform_(generator=generator).log_()
@@ -188,8 +188,8 @@ def advantages(
 
 
 def score(rewards, lengths, args):
-    """A step's rewards and completion lengths → the advantages, and metrics for metrics.jsonl. A
-    new idea goes here: shape the rewards, zero the advantages of samples to skip, add a metric."""
+    """Rewards and completion lengths → advantages, and metrics for metrics.jsonl. A new idea goes
+    here: shape the rewards, zero the advantages of samples to skip, add a metric."""
     adv = advantages(rewards, args.num_samples, args.algo, args.reward_norm, args.baseline, lengths)
     metrics = dict(
         reward_mean=rewards.mean().item(),
@@ -203,9 +203,8 @@ def score(rewards, lengths, args):
 # ---- M-step: log-probs, the losses, one optimizer step
 def completion_logprobs(model, input_ids, attention_mask, completion_mask, temperature=1.0,
                         chunk=1024, with_entropy=False):  # fmt: skip
-    """(log πθ(y_t | x, y_<t) at the sampling temperature, entropy or None) per completion token,
-    (B, width) fp32, 0 elsewhere; input_ids = [left-padded prompt | right-padded completion], EOS
-    included. Only completion positions reach the vocab projection."""
+    """(log πθ(y_t | x, y_<t) at the sampling temperature, entropy or None), (B, width) fp32, for
+    completion tokens (EOS included; 0 elsewhere) of [left-padded prompt | right-padded completion]."""
     pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     kw = dict(use_cache=False, logits_to_keep=1, output_hidden_states=True)  # no (B, L, V) logits
     h = model(input_ids, attention_mask, pos, **kw).hidden_states[-1]
@@ -238,8 +237,8 @@ def grpo_loss(logp, old_logp, mask, adv, clip_eps=0.2):
 
 
 def kl_k3(logp, ref_logp):
-    """Per-token k3 estimate of KL(πθ‖π_ref), e^r − r − 1, r = ref − logp, clamped to ±10 as the
-    author's code (r to ±20 only to keep e^r finite: |r| > 20 hits ±10 anyway)."""
+    """Per-token k3 estimate of KL(πθ‖π_ref), e^r − r − 1 (r = ref − logp), clamped to ±10 as the
+    author's; r's ±20 only keeps e^r finite."""
     r = (ref_logp - logp).clamp(-20, 20)
     return (torch.exp(r) - r - 1).clamp(-10, 10)
 
@@ -272,9 +271,8 @@ def optimizer_step(policy, opt, grad_clip, loss_finite=True):
 
 
 def m_step(policy, opt, prompts, comps, adv, args, ref=None, autocast=None, pad_id=0):
-    """M-step (Eq. 12): `updates_per_batch` optimizer steps on one E-step's samples. Each
-    micro-batch's mean loss is weighted by its share of the batch: the step does not depend on the
-    cut (tested)."""
+    """M-step (Eq. 12): `updates_per_batch` optimizer steps on one E-step's samples; each
+    micro-batch's loss weighted by its share of the batch, so the cut does not matter (tested)."""
     dev, n, with_entropy = policy.device, len(comps), args.entropy_coef > 0
     autocast, adv = autocast or torch.autocast(dev.type, enabled=False), adv.to(dev)
     mbs = micro_batches(prompts, comps, args.micro_batch_size, args.micro_batch_tokens)
@@ -305,14 +303,14 @@ def m_step(policy, opt, prompts, comps, adv, args, ref=None, autocast=None, pad_
 
 # ---- The run's objects, and the loop: Algorithm 1
 def make_run(args):
-    """Everything a run holds, made in the order a mistake should surface (loaders: Part II)."""
+    """The run's objects, in the order a mistake should surface (loaders: Part II)."""
     rank, world = init_distributed(args)  # torchrun: G processes, each samples 1/G of the prompts
     dev, dtype = device_and_dtype(args)  # bf16 compute on CUDA
     out_dir, lock, state = open_run_dir(args, rank)  # state: the checkpoint's, on --resume
     policy = load_policy(args, dev, state)  # θ: fp32 master weights, so a 1e-6 step moves them
     tok = load_tokenizer(args.tokenizer or args.model)
     theta_star = frozen_copy(policy, dtype) if dtype != policy.dtype or world > 1 else policy
-    ref = load_reference(args, dev, dtype, policy, state) if args.beta > 0 else None  # π_init
+    ref = load_reference(args, dev, dtype, policy, state) if args.beta > 0 else None
     opt = make_optimizer(policy, args, dev, state, world)  # AdamW; FSDP2-sharded under torchrun
     rows, task = load_train_rows(args, tok, policy)
     run = SimpleNamespace(
@@ -385,11 +383,11 @@ def parse_args(argv=None, spec=Args, prog="empg"):
     global PROG
     PROG, fields = prog, dataclasses.fields(spec)  # errors name the program the user ran
     may_change = ", ".join(flag(f.name) for f in fields if f.metadata["resume"])
+    fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
-        description=sys.modules[spec.__module__].__doc__,
-        epilog=f"--resume keeps the run's flags but {may_change}" if spec is Args else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=sys.modules[spec.__module__].__doc__, formatter_class=fmt
     )
+    p.epilog = f"--resume keeps the run's flags but {may_change}" if spec is Args else None
     p.error = die  # one line, not argparse's usage block
     for f in fields:
         kw = dict(type=f.metadata["kind"], default=f.default, choices=f.metadata["choices"] or None)
@@ -400,29 +398,29 @@ def parse_args(argv=None, spec=Args, prog="empg"):
     for k, v in PRESETS.get(a.dataset, OURS).items() if spec is Args else ():
         setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
     for f in fields:
-        v, (lo, hi) = getattr(a, f.name), map(float, f.metadata["bounds"][1:-1].split(","))
-        if f.metadata["kind"] in (int, float) and v is not None:
-            open_lo, open_hi = f.metadata["bounds"][0] == "(", f.metadata["bounds"][-1] == ")"
-            if not ((lo < v if open_lo else lo <= v) and (v < hi if open_hi else v <= hi)):
-                die(f"{flag(f.name)} must be in {f.metadata['bounds']}")  # NaN never is
-    checks = [
-        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", a.device), "--device must be auto, cpu, cuda[:N]"),
-        ("{question}" in (a.prompt_template or "{question}"), "--prompt-template: no {question}"),
-    ]
-    if spec is Args:
-        checks += [
-            (
-                a.num_samples > 1 or a.reward_norm != "group",
-                "--reward-norm group: --num-samples >= 2",
-            ),
-            (a.num_samples > 1 or a.algo != "grpo", "--algo grpo: --num-samples >= 2"),
-            (a.master_dtype == "fp32" or a.dtype != "fp32", "--master-dtype bf16 computes in bf16"),
-            (not (a.resume and a.overwrite), "--resume and --overwrite contradict each other"),
-        ]
-    for ok, msg in checks:
-        if not ok:
-            die(msg)
+        if f.metadata["kind"] in (int, float) and not in_bounds(
+            getattr(a, f.name), f.metadata["bounds"]
+        ):
+            die(f"{flag(f.name)} must be in {f.metadata['bounds']}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", a.device):
+        die("--device must be auto, cpu, cuda or cuda:N")
+    if "{question}" not in (a.prompt_template or "{question}"):
+        die("--prompt-template has no {question}")
+    if spec is Args and a.num_samples < 2 and (a.algo == "grpo" or a.reward_norm == "group"):
+        die("--algo grpo and --reward-norm group need --num-samples >= 2")
+    if spec is Args and a.master_dtype == "bf16" and a.dtype == "fp32":
+        die("--master-dtype bf16 computes in bf16, not --dtype fp32")
+    if spec is Args and a.resume and a.overwrite:
+        die("--resume and --overwrite contradict each other")
     return a
+
+
+def in_bounds(v, bounds):
+    """v in an interval such as "[1, inf)" (None: a preset's, later; NaN: never)."""
+    lo, hi = map(float, bounds[1:-1].split(","))
+    if v is None:
+        return True
+    return (lo < v if bounds[0] == "(" else lo <= v) and (v < hi if bounds[-1] == ")" else v <= hi)
 
 
 def flag(name):
@@ -603,10 +601,17 @@ def vocab_logprobs(h, y, weight, temperature, chunk, with_entropy):
     """(N, 1 or 2): log p(y) [and entropy] from final hidden states h (N, D), projected `chunk`
     tokens at a time and recomputed in backward: never the (N × vocab) fp32 logits at once."""
     parts = [
-        checkpoint(chunk_logprobs, h[i : i + chunk], y[i : i + chunk], weight, temperature,
-                   with_entropy, use_reentrant=False)
+        checkpoint(
+            chunk_logprobs,
+            h[i : i + chunk],
+            y[i : i + chunk],
+            weight,
+            temperature,
+            with_entropy,
+            use_reentrant=False,
+        )
         for i in range(0, len(y), chunk)
-    ]  # fmt: skip
+    ]
     return torch.cat(parts) if parts else h.new_zeros(0, 1 + with_entropy, dtype=torch.float32)
 
 
@@ -676,8 +681,11 @@ class AdamWSR(torch.optim.Optimizer):
             for p in (p for p in group["params"] if p.grad is not None):
                 st = self.state[p]
                 if not st:
-                    st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
-                              exp_avg_sq=torch.zeros_like(p))  # fmt: skip
+                    st.update(
+                        step=torch.tensor(0.0),
+                        exp_avg=torch.zeros_like(p),
+                        exp_avg_sq=torch.zeros_like(p),
+                    )
                 t = int(st["step"].add_(1))
                 if gen is None:  # noise from (seed, step): a resumed run rounds the same
                     gen = torch.Generator(p.device).manual_seed(self.seed * 1_000_003 + t)
@@ -906,6 +914,26 @@ def read_jsonl(path):
     return rows or die(f"{path} has no rows")
 
 
+def level(row):
+    """A MATH row's level, 1-5 ("Level 3" on the hub, 3 in local files; 0 if unknown)."""
+    digit = str(row.get("level", "5"))[-1]
+    return int(digit) if digit.isdigit() else 0
+
+
+def rows_of(data_dir, files, hub_names):
+    """The rows of local JSONL files under data_dir, else of datasets on the Hugging Face hub."""
+    if data_dir:
+        return [r for f in files for _, r in read_jsonl(os.path.join(data_dir, f))]
+    offline = hub_offline()
+    try:
+        import datasets
+
+        return [r for *name, split in hub_names for r in datasets.load_dataset(*name, split=split)]
+    except Exception as e:
+        why = "the hub is unreachable" if offline else type(e).__name__
+        die(f"cannot load {hub_names[0][0]} from the Hugging Face hub ({why}); use --data-dir DIR")
+
+
 def problem(row, where):
     """{question, answer}: a non-empty question, the answer a non-empty string or whole number."""
     q, a = row.get("question", row.get("problem", row.get("prompt"))), row.get("answer")
@@ -925,42 +953,32 @@ def load_problems(dataset, split="train", data_dir=""):
         return [problem(r, f"{dataset}:{n}") for n, r in read_jsonl(dataset)], "math"
     if dataset not in ("gsm8k", "math-hard", "math500", "math-hard-l5"):
         die(f"unknown dataset {dataset!r}: use gsm8k, math-hard, math500, math-hard-l5 or a .jsonl")
-    files = dict(gsm8k=[f"gsm8k/{split}.jsonl"], m500=["math/math500_test.jsonl"],
-                 l5=["math/hard_test.jsonl"], all=["math/train.jsonl", "math/test.jsonl"])  # fmt: skip
-    hub = dict(gsm8k=[("openai/gsm8k", "main", split)], m500=[("HuggingFaceH4/MATH-500", "test")],
-               l5=[("DigitalLearningGmbH/MATH-lighteval", "test")],
-               all=[("DigitalLearningGmbH/MATH-lighteval", s) for s in ("train", "test")])  # fmt: skip
-    get = lambda key: (
-        [r for f in files[key] for _, r in read_jsonl(os.path.join(data_dir, f))]
-        if data_dir
-        else from_hub(hub[key])
-    )
     if dataset == "gsm8k":
-        return [
-            problem(r, f"gsm8k {split} row {n}") for n, r in enumerate(get("gsm8k"), 1)
-        ], "gsm8k"
-    level = lambda r: int(str(r.get("level", 5))[-1]) if str(r.get("level", 5))[-1].isdigit() else 0
+        rows = rows_of(data_dir, [f"gsm8k/{split}.jsonl"], [("openai/gsm8k", "main", split)])
+        return [problem(r, f"gsm8k {split} row {n}") for n, r in enumerate(rows, 1)], "gsm8k"
+    m500 = rows_of(data_dir, ["math/math500_test.jsonl"], [("HuggingFaceH4/MATH-500", "test")])
+    lighteval = "DigitalLearningGmbH/MATH-lighteval"
     if dataset == "math-hard" and split == "train":  # the author's "MATH HARD" train set, rebuilt
-        test = {r["problem"] for r in get("m500")}
-        rows = [r for r in get("all") if level(r) >= 3 and r["problem"] not in test]
+        files, names = (
+            ["math/train.jsonl", "math/test.jsonl"],
+            [(lighteval, "train"), (lighteval, "test")],
+        )
+        test = {r["problem"] for r in m500}
+        rows = [
+            r for r in rows_of(data_dir, files, names) if level(r) >= 3 and r["problem"] not in test
+        ]
     elif dataset == "math-hard-l5":
-        rows = [r for r in get("l5") if level(r) == 5]
+        rows = [
+            r
+            for r in rows_of(data_dir, ["math/hard_test.jsonl"], [(lighteval, "test")])
+            if level(r) == 5
+        ]
     else:
-        rows = get("m500")  # math500, and math-hard's test set
-    answer = lambda r: r.get("answer") or last_boxed(r["solution"]) or ""
-    return [{"question": r["problem"], "answer": answer(r)} for r in rows], "math"
-
-
-def from_hub(names):
-    """Rows of datasets on the Hugging Face hub (the users' path; tests use --data-dir)."""
-    offline = hub_offline()
-    try:
-        import datasets
-
-        return [r for *name, split in names for r in datasets.load_dataset(*name, split=split)]
-    except Exception as e:
-        why = "the hub is unreachable" if offline else type(e).__name__
-        die(f"cannot load {names[0][0]} from the Hugging Face hub ({why}); use --data-dir DIR")
+        rows = m500  # math500, and math-hard's test set
+    return [
+        {"question": r["problem"], "answer": r.get("answer") or last_boxed(r["solution"]) or ""}
+        for r in rows
+    ], "math"
 
 
 def keep_short(rows, template, max_chars):
@@ -980,11 +998,15 @@ def prepare(rows, tok, template, max_chars, model, max_new_tokens, what):
     longest, top, cfg = max(map(len, ids)), max(max(x, default=0) for x in ids), model.config
     context = getattr(cfg, "max_position_embeddings", None) or math.inf
     if longest + max_new_tokens > context:
-        die(f"a {what} prompt of {longest} tokens + --max-new-tokens {max_new_tokens} exceeds the "
-            f"model's context ({context}): lower --max-prompt-chars or --max-new-tokens")  # fmt: skip
+        die(
+            f"a {what} prompt of {longest} tokens + --max-new-tokens {max_new_tokens} exceeds the "
+            f"model's context ({context}): lower --max-prompt-chars or --max-new-tokens"
+        )
     if top >= cfg.vocab_size:
-        die(f"the tokenizer gives id {top}, beyond the model's vocabulary ({cfg.vocab_size}): "
-            "wrong --tokenizer?")  # fmt: skip
+        die(
+            f"the tokenizer gives id {top}, beyond the model's vocabulary ({cfg.vocab_size}): "
+            "wrong --tokenizer?"
+        )
     return [dict(r, ids=i) for r, i in zip(rows, ids)]
 
 
@@ -1006,9 +1028,10 @@ def load_train_rows(args, tok, model):
 def step_prompts(step, n_rows, k, seed):
     """Row indices for a step: consecutive slices of a fresh permutation per epoch, a function of
     (seed, step): a resumed run sees the same data order."""
-    perm = lambda e: torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + e))
-    perms = {e: perm(e) for e in {j // n_rows for j in range(step * k, step * k + k)}}
-    return [perms[j // n_rows][j % n_rows].item() for j in range(step * k, step * k + k)]
+    idx = range(step * k, step * k + k)
+    gens = {e: torch.Generator().manual_seed(seed + e) for e in {j // n_rows for j in idx}}
+    perms = {e: torch.randperm(n_rows, generator=g) for e, g in gens.items()}
+    return [perms[j // n_rows][j % n_rows].item() for j in idx]
 
 
 def sampling_generator(seed, step, rank, device):
@@ -1076,13 +1099,67 @@ def answers_equal(pred, ref, verify=True):
         return False
 
 
+def probe_m_step(run, rows, P):
+    """One M-step forward + backward on rows sequences of P + --max-new-tokens tokens, with AdamW's
+    moments (made at the first step) held meanwhile; run.peak: its peak memory above the start."""
+    a, pad, cuda = run.args, run.pad_id, run.dev.type == "cuda"
+    start = torch.cuda.memory_allocated() if cuda else 0
+    params = [] if run.opt.state else list(run.policy.parameters())
+    moments = [torch.empty_like(p) for p in params + params]
+    torch.cuda.reset_peak_memory_stats() if cuda else None
+    ids, attn, cmask = collate([[pad] * P] * rows, [[pad] * a.max_new_tokens] * rows, pad, run.dev)
+    try:
+        run.policy.train()
+        with run.autocast:
+            logp, ent = completion_logprobs(
+                run.policy, ids, attn, cmask, 1, a.logprob_chunk, a.entropy_coef > 0
+            )
+        (logp.sum() + (0 if ent is None else ent.sum())).backward()
+    finally:
+        run.policy.zero_grad(set_to_none=True)
+        del moments
+    run.peak = torch.cuda.max_memory_allocated() - start if cuda else 0
+
+
+def fits(fn, *args):
+    try:
+        fn(*args)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+
+
+def size(model):
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def resume_state(args, out):
+    """The newest checkpoint's trainer_state.pt, if the run's flags are these (but those that may
+    change): tensors, numbers and strings only (weights_only: a planted object cannot run code),
+    memory-mapped (no copy per process)."""
+    ckpt = latest_checkpoint(out) or die(f"--resume: no checkpoint with trainer_state.pt in {out}")
+    try:
+        saved = json.load(open(os.path.join(out, "args.json")))
+    except (OSError, ValueError):
+        die(f"--resume: {out}/args.json is missing or unreadable")
+    for f in dataclasses.fields(Args):
+        was, now = saved.get(f.name, getattr(args, f.name)), getattr(args, f.name)
+        if was != now and not f.metadata["resume"]:
+            die(f"--resume: {flag(f.name)} is {now!r}, the run in {out} used {was!r}")
+    path = os.path.join(ckpt, "trainer_state.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError) as e:
+        die(f"--resume: refused {path}: {str(e).splitlines()[0][:160]}")
+    return dict(state, dir=ckpt)
+
+
 # ---- The test score during the run; memory: the worst step met first
 def load_eval_rows(run):
     """run.eval_rows: --eval-dataset, else the training set's test split (GSM8K test; MATH-500 for
     math-hard), through the same filter; none for a .jsonl training set."""
-    a = run.args
+    a, run.eval_rows, run.eval_task = run.args, [], None
     name = a.eval_dataset or ("" if a.dataset.endswith(".jsonl") else a.dataset)
-    run.eval_rows, run.eval_task = [], None
     if a.eval_every and name:
         rows, run.eval_task = load_problems(name, "test", a.data_dir)
         template = a.prompt_template or default_template(name, run.eval_task)
@@ -1095,44 +1172,46 @@ def load_eval_rows(run):
 @torch.no_grad()
 def evaluate(run, step):
     """The paper's test score: θ* decodes the held-out set greedily, run.eval_batch rows at a time,
-    graded as eval.py grades; the cache is freed after. Eager, even with --sampler compiled: graphs
-    on a cache freed each time would be recaptured each time. → eval.jsonl"""
+    graded as eval.py grades, the KV cache freed after. Eager even with --sampler compiled: graphs
+    on a cache freed each time would be captured each time. → eval.jsonl"""
     if not run.eval_rows or any(e["step"] == step for e in run.evals):
         return
     a, t0, rows = run.args, time.time(), run.eval_rows[run.rank :: run.world]
     decoder, grades, lens = make_decoder(run.theta_star, a.sampler, "bf16"), [], []
     for i, part in enumerate(chunks(rows, run.eval_batch)):
         run.phase(f"eval {i * run.eval_batch}/{len(rows)}")
-        comps = sample(
-            decoder, [r["ids"] for r in part], 1, a.max_new_tokens, run.eos_ids, run.pad_id, 0
-        )
+        ids = [r["ids"] for r in part]
+        comps = sample(decoder, ids, 1, a.max_new_tokens, run.eos_ids, run.pad_id, 0)
         texts = run.tok.batch_decode(comps, skip_special_tokens=True)
         grades += [grade(t, r["answer"], run.eval_task)["correct"] for t, r in zip(texts, part)]
         lens += [len(c) for c in comps]
     decoder.free_cache()
     grades, lens = gather_all(grades), gather_all(lens)
-    row = dict(step=step, test_score=sum(grades) / len(grades), mean_len=sum(lens) / len(lens),
-               n=len(grades), batch_rows=run.eval_batch, seconds=time.time() - t0)  # fmt: skip
+    row = dict(step=step, test_score=sum(grades) / len(grades), mean_len=sum(lens) / len(lens))
+    row.update(n=len(grades), batch_rows=run.eval_batch, seconds=time.time() - t0)
     run.evals.append(row)
     log_row(run, "eval.jsonl", row)
 
 
 def fit_memory(run, state):
-    """Before step 0, the worst step once (--memory-probe auto: on CUDA): the E-step's KV cache for
-    all rows at the longest prompt + --max-new-tokens, and an M-step forward + backward on such
-    sequences (no weight change). What does not fit: the cache is freed before each M-step, then the
-    micro-batch halved; the E-step's prompts halved into chunks. The evaluation gets the rows that
-    fit (≤ 512). A resume repeats the run's choices."""
-    a, cuda = run.args, run.dev.type == "cuda"
-    fit = dict(estep_prompts=a.prompts_per_step // run.world, keep_cache=True,
-               micro_batch_size=a.micro_batch_size, micro_batch_tokens=a.micro_batch_tokens,
-               eval_batch=min(a.eval_rows or 512, len(run.eval_rows) or 1))  # fmt: skip
+    """The run's memory choices: the checkpoint's on --resume (the same samples), else measured by
+    probe_memory() (--memory-probe; auto: on CUDA), else the flags' and ≤ 512 eval rows."""
+    a = run.args
+    fit = dict(
+        estep_prompts=a.prompts_per_step // run.world,
+        keep_cache=True,
+        micro_batch_size=a.micro_batch_size,
+        micro_batch_tokens=a.micro_batch_tokens,
+        eval_batch=min(a.eval_rows or 512, len(run.eval_rows) or 1),
+    )
     if state and "fit" in state:
         fit = state["fit"]
-    elif a.memory_probe == "on" or (a.memory_probe == "auto" and cuda):
-        fit = probe_memory(run, fit)
+    elif a.memory_probe == "on" or (a.memory_probe == "auto" and run.dev.type == "cuda"):
+        probe_memory(run, fit)
     else:
-        say(f"memory probe skipped ({'--memory-probe off' if cuda else 'no CUDA'})")
+        say(
+            f"memory probe skipped ({'--memory-probe off' if run.dev.type == 'cuda' else 'no CUDA'})"
+        )
     run.__dict__.update(fit, fit=fit)
     a.micro_batch_size, a.micro_batch_tokens = fit["micro_batch_size"], fit["micro_batch_tokens"]
     if not fit["keep_cache"] and getattr(run.decoder, "compiled", False):
@@ -1140,67 +1219,44 @@ def fit_memory(run, state):
 
 
 def probe_memory(run, fit):
+    """The worst step, once, before step 0: the E-step's KV cache for every row at the longest
+    prompt + --max-new-tokens, then an M-step forward + backward on such sequences (no weight
+    change). What does not fit: the E-step takes fewer prompts at a time; the KV cache is freed
+    before each M-step, then the micro-batch halved. Evaluation gets the rows that fit, ≤ 512."""
     a, N, dev, pad = run.args, run.args.num_samples, run.dev, run.pad_id
-    cuda, P = dev.type == "cuda", max(len(r["ids"]) for r in run.rows + run.eval_rows)
-    mem = torch.cuda.memory_allocated if cuda else lambda: 0
-    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
-    start = mem()  # AdamW's moments appear at the first step; held here, the probe meets them
-    moments = torch.empty(
-        0 if run.opt.state else 2 * size(run.policy), dtype=torch.uint8, device=dev
-    )
-    while True:  # the E-step's KV cache, every row at full length
-        try:
-            ids, mask = left_pad([[pad] * P] * fit["estep_prompts"], pad, dev)
-            run.decoder.prefill(ids, mask, N, a.max_new_tokens)
-            break
-        except torch.OutOfMemoryError:
-            run.decoder.free_cache()
-            if fit["estep_prompts"] == 1:
-                die(f"out of memory: {N} rows of {P} + {a.max_new_tokens} tokens do not fit")
-            fit["estep_prompts"] //= 2
-    kv, key = (
-        mem() - start - moments.numel(),
-        "micro_batch_tokens" if a.micro_batch_tokens else "micro_batch_size",
-    )
-    run.policy.train()
+    P, new = max(len(r["ids"]) for r in run.rows + run.eval_rows), a.max_new_tokens
+    key = "micro_batch_tokens" if a.micro_batch_tokens else "micro_batch_size"
+    mem = torch.cuda.memory_allocated if dev.type == "cuda" else int
+    start = mem()
+    while not fits(
+        run.decoder.prefill, *left_pad([[pad] * P] * fit["estep_prompts"], pad, dev), N, new
+    ):
+        if fit["estep_prompts"] == 1:
+            die(f"out of memory: {N} rows of {P} + {new} tokens do not fit the E-step")
+        fit["estep_prompts"] //= 2
+    kv = mem() - start
     while True:  # an M-step forward + backward on a micro-batch of the longest sequences
-        rows = max(1, fit[key] // (P + a.max_new_tokens)) if a.micro_batch_tokens else fit[key]
-        try:
-            torch.cuda.reset_peak_memory_stats() if cuda else None
-            ids, attn, cmask = collate(
-                [[pad] * P] * rows, [[pad] * a.max_new_tokens] * rows, pad, dev
-            )
-            with run.autocast:
-                logp, _ = completion_logprobs(
-                    run.policy, ids, attn, cmask, 1, a.logprob_chunk, a.entropy_coef > 0
-                )
-            logp.sum().backward()
+        rows = max(1, fit[key] // (P + new)) if key == "micro_batch_tokens" else fit[key]
+        if fits(probe_m_step, run, rows, P):
             break
-        except torch.OutOfMemoryError:
-            if not fit["keep_cache"] and rows == 1:
-                die(
-                    f"out of memory: one sequence of {P + a.max_new_tokens} tokens does not fit the M-step"
-                )
-            fit[key] //= 1 if fit["keep_cache"] else 2
-            fit["keep_cache"] = False  # first the E-step's cache goes before each M-step
+        if fit["keep_cache"]:  # first the KV cache goes before each M-step
+            fit["keep_cache"] = False
             run.decoder.free_cache()
-        finally:
-            run.policy.zero_grad(set_to_none=True)
-    peak = torch.cuda.max_memory_allocated() - start if cuda else 0
-    del moments
-    if cuda:  # the rows of full length that fit beside the E-step's cache
+        elif rows == 1:
+            die(f"out of memory: one sequence of {P} + {new} tokens does not fit the M-step")
+        else:
+            fit[key] //= 2
+    if dev.type == "cuda":  # evaluation: rows of full length in what is left beside the cache
         free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - mem()
-        fit["eval_batch"] = max(
-            1, min(fit["eval_batch"], int(0.8 * free * fit["estep_prompts"] * N / max(kv, 1)))
-        )
-    total = torch.cuda.get_device_properties(dev).total_memory if cuda else 0
-    gib = lambda x: f"{x / 2**30:.1f}"
-    star = size(run.theta_star) if run.theta_star is not run.policy else 0
-    say(f"memory, GiB of {gib(total)}: weights {gib(size(run.policy))}, AdamW {gib(2 * size(run.policy))}, "
-        f"θ* {gib(star)}, KV cache {gib(kv)}, M-step peak {gib(peak)}. Chose: E-step {fit['estep_prompts']} "
-        f"prompts at a time, {flag(key)} {fit[key]}, KV cache {'kept' if fit['keep_cache'] else 'freed'} "
-        f"in the M-step, eval {fit['eval_batch']} rows")  # fmt: skip
-    return fit
+        rows = int(0.8 * (free - 2 * size(run.policy)) * fit["estep_prompts"] * N / max(kv, 1))
+        fit["eval_batch"] = max(1, min(fit["eval_batch"], rows))
+    total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else 0
+    gib = [f"{x / 2**30:.1f}" for x in (total, size(run.policy), kv, run.peak)]
+    say(
+        f"memory, GiB of {gib[0]}: weights {gib[1]}, AdamW 2×, KV cache {gib[2]}, M-step peak "
+        f"{gib[3]}; chose: E-step {fit['estep_prompts']} prompts at a time, {flag(key)} {fit[key]}, "
+        f"KV cache {'kept' if fit['keep_cache'] else 'freed'} in the M-step, eval {fit['eval_batch']} rows"
+    )
 
 
 def test_score(evals, k=10):
@@ -1211,8 +1267,7 @@ def test_score(evals, k=10):
 # ---- The run's dir, progress, logs and checkpoints: nothing lost, nothing half-written
 def open_run_dir(args, rank):
     """One run a dir, checked before any model loads: a new run needs an empty dir (or --overwrite);
-    --resume a checkpoint and the run's own flags (but those that may change). A lock keeps a second
-    trainer out. → (dir, lock, the checkpoint's state or None)"""
+    a lock keeps a second trainer out. → (dir, lock, the checkpoint's state on --resume)"""
     import fcntl
 
     name = (
@@ -1236,44 +1291,22 @@ def open_run_dir(args, rank):
             shutil.rmtree(f) if os.path.isdir(f) else os.remove(f)
         if held and not (args.resume or args.overwrite):
             die(f"{out} already holds a run: --resume continues it, --overwrite replaces it")
-    ckpt = latest_checkpoint(out) if args.resume else None
-    if args.resume and ckpt is None:
-        die(f"--resume: no checkpoint with trainer_state.pt in {out}")
-    if not args.resume:
-        return out, lock, None
-    try:
-        saved = json.load(open(os.path.join(out, "args.json")))
-    except (OSError, ValueError):
-        die(f"--resume: {out}/args.json is missing or unreadable")
-    for f in dataclasses.fields(Args):
-        if not f.metadata["resume"] and saved.get(f.name, getattr(args, f.name)) != getattr(
-            args, f.name
-        ):
-            die(f"--resume: {flag(f.name)} is {getattr(args, f.name)!r}, the run in {out} used "
-                f"{saved[f.name]!r}; keep it, or start a new --output-dir")  # fmt: skip
-    path = os.path.join(ckpt, "trainer_state.pt")
-    try:  # weights_only: tensors, numbers, strings and lists; a planted object cannot run code.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: no copy
-    except (pickle.UnpicklingError, RuntimeError, OSError) as e:
-        die(f"--resume: refused {path}: {str(e).splitlines()[0][:160]}")
-    return out, lock, dict(state, dir=ckpt)
+    return out, lock, resume_state(args, out) if args.resume else None
 
 
 def open_logs(run, state):
     """The logs cut back to the checkpoint a run resumes from (a step-s evaluation comes after
     checkpoint s) and kept for the summaries; args.json; the --report-to writer."""
     a, start = run.args, state["step"] if state else 0
-    cut = lambda name, keep: (
-        read_log(os.path.join(run.out_dir, name), keep) if run.rank == 0 else []
-    )
-    run.metrics = cut("metrics.jsonl", lambda r: r.get("step", 0) <= start)
-    run.evals = cut("eval.jsonl", lambda r: r.get("step", 0) < start)
-    cut("samples.jsonl", lambda r: r.get("step", 0) <= start)
     run.start = run.saved = start
     run.stop, run.skipped_in_a_row, run.bar, run.writer = False, 0, None, None
     run.phase = lambda what: run.bar and run.bar.set_description_str(f"{a.algo}: {what}")
+    run.metrics, run.evals = [], []
     if run.rank:
         return
+    run.metrics = read_log(os.path.join(run.out_dir, "metrics.jsonl"), start + 1)
+    run.evals = read_log(os.path.join(run.out_dir, "eval.jsonl"), start)
+    read_log(os.path.join(run.out_dir, "samples.jsonl"), start + 1)
     write_atomic(
         os.path.join(run.out_dir, "args.json"), json.dumps(dataclasses.asdict(a), indent=1)
     )
@@ -1313,36 +1346,49 @@ def log_step(run, step, metrics, stats, times, batch, texts, comps, rewards):
         )
     cut = gather_all([len(c) == a.max_new_tokens and c[-1] not in run.eos_ids for c in comps])
     new_tokens = metrics["response_len_mean"] * len(cut)
-    tokens = sum(gather_all([len(r["ids"]) * N for r in batch])) + new_tokens
-    speed = dict(estep_tok_s=new_tokens / times["estep_s"],
-                 mstep_tok_s=tokens * a.updates_per_batch / times["mstep_s"], lr=a.lr)  # fmt: skip
-    m = dict(step=step, **metrics, **stats, truncated_frac=sum(cut) / len(cut), **times, **speed)
+    tokens = (
+        sum(gather_all([len(r["ids"]) * N for r in batch])) + new_tokens
+    ) * a.updates_per_batch
+    m = dict(step=step, **metrics, **stats, truncated_frac=sum(cut) / len(cut), **times)
+    m.update(
+        estep_tok_s=new_tokens / times["estep_s"], mstep_tok_s=tokens / times["mstep_s"], lr=a.lr
+    )
     run.metrics.append(m)
     log_row(run, "metrics.jsonl", m)
-    picked = list(range(len(texts)))[:: max(1, len(texts) // max(a.log_samples, 1))][
-        : a.log_samples
+    picked = range(0, len(texts), max(1, len(texts) // max(a.log_samples, 1)))[: a.log_samples]
+    rows = [
+        dict(
+            step=step,
+            prompt=batch[i // N]["prompt"],
+            completion=texts[i],
+            answer=batch[i // N]["answer"],
+            reward=rewards[i],
+        )
+        for i in picked
     ]
-    rows = [dict(step=step, prompt=batch[i // N]["prompt"], completion=texts[i],
-                 answer=batch[i // N]["answer"], reward=rewards[i]) for i in picked]  # fmt: skip
     if run.rank == 0 and rows:
         append_jsonl(os.path.join(run.out_dir, "samples.jsonl"), rows)
     test = f"{run.evals[-1]['test_score']:.3f}" if run.evals else "-"
-    run.bar.set_postfix(reward=f"{m['reward_mean']:.3f}", len=f"{m['response_len_mean']:.0f}",
-                        loss=f"{m['loss']:.4f}", test=test)  # fmt: skip
+    run.bar.set_postfix(
+        reward=f"{m['reward_mean']:.3f}", len=f"{m['response_len_mean']:.0f}", test=test
+    )
     run.skipped_in_a_row = run.skipped_in_a_row + 1 if stats["step_skipped"] else 0
     if run.skipped_in_a_row >= 3:
         run.bar.close()
-        die(f"3 steps in a row had a non-finite loss or gradient (NaN weights? --lr or --beta too "
-            f"large?); stopped at step {step}; the last checkpoint is step {run.saved}")  # fmt: skip
+        die(
+            f"3 steps in a row had a non-finite loss or gradient (--lr or --beta too large? NaN "
+            f"weights?); stopped at step {step}; the last checkpoint is step {run.saved}"
+        )
 
 
 def progress(run):
     """The steps to run, under a bar that names the phase; after a Ctrl-C's step, exit 130."""
     from tqdm import tqdm
 
-    a = run.args
-    run.bar = tqdm(total=a.steps, initial=run.start, desc=a.algo, disable=run.rank > 0)
-    for step in range(run.start, a.steps):
+    run.bar = tqdm(
+        total=run.args.steps, initial=run.start, desc=run.args.algo, disable=run.rank > 0
+    )
+    for step in range(run.start, run.args.steps):
         yield step
         run.bar.update(1)
         if run.stop:
@@ -1369,8 +1415,10 @@ def guarded(run):
         yield
     except torch.OutOfMemoryError:
         run.bar.close()
-        die(f"out of memory in step {run.bar.n + 1}: lower --micro-batch-tokens (or -size), "
-            f"--max-new-tokens or --eval-rows; checkpoint {run.saved} is whole: --resume continues")  # fmt: skip
+        die(
+            f"out of memory in step {run.bar.n + 1}: lower --micro-batch-tokens (or -size), "
+            f"--max-new-tokens or --eval-rows; checkpoint {run.saved} is whole: --resume continues"
+        )
     finally:
         if old is not None:
             signal.signal(signal.SIGINT, old)
@@ -1382,21 +1430,21 @@ def finish(run):
     if run.args.eval_every:
         evaluate(run, run.args.steps)
     rewards = [m["reward_mean"] for m in run.metrics[-10:]]
-    s = dict(steps=run.args.steps, reward_last10=sum(rewards) / len(rewards) if rewards else None,
-             test_score_last10=test_score(run.evals), evals=len(run.evals),
-             step0_test_score=next((e["test_score"] for e in run.evals if e["step"] == 0), None),
-             checkpoint=latest_checkpoint(run.out_dir), output_dir=run.out_dir)  # fmt: skip
-    f = lambda x: "-" if x is None else f"{x:.3f}"
+    s = dict(steps=run.args.steps, reward_last10=sum(rewards) / max(len(rewards), 1))
+    s.update(test_score_last10=test_score(run.evals), evals=len(run.evals))
+    s["step0_test_score"] = next((e["test_score"] for e in run.evals if e["step"] == 0), None)
+    s.update(checkpoint=latest_checkpoint(run.out_dir), output_dir=run.out_dir)
     if run.rank == 0:
         write_atomic(os.path.join(run.out_dir, "summary.json"), json.dumps(s, indent=1))
         plot_curves(run)
-        say(f"done, {run.args.steps} steps; reward, mean of the last 10: {f(s['reward_last10'])}")
+        say(f"done, {run.args.steps} steps; reward, mean of the last 10: {s['reward_last10']:.3f}")
         if run.evals:
-            say(f"test score (mean of the last 10 evals) {f(s['test_score_last10'])}; "
-                f"step-0 score {f(s['step0_test_score'])}")  # fmt: skip
-        say(
-            f"in {run.out_dir}: {', '.join(sorted(x for x in os.listdir(run.out_dir) if x[0] != '.'))}"
-        )
+            say(
+                f"test score (mean of the last 10 evals) {s['test_score_last10']:.3f}; "
+                f"step-0 score {s['step0_test_score'] or 0:.3f}"
+            )
+        wrote = sorted(x for x in os.listdir(run.out_dir) if x[0] != ".")
+        say(f"in {run.out_dir}: {', '.join(wrote)}")
         if run.writer:
             run.writer.close() if run.args.report_to == "tensorboard" else run.writer.finish()
     if dist.is_initialized():
@@ -1427,8 +1475,8 @@ def write_atomic(path, text):
         die(f"cannot write {path}: {e.strerror}")
 
 
-def read_log(path, keep):
-    """A JSONL log's rows that keep() accepts, rewritten atomically; torn lines dropped, warned."""
+def read_log(path, before):
+    """A JSONL log's rows of the steps before `before`, rewritten atomically; torn lines dropped."""
     if not os.path.exists(path):
         return []
     rows, torn = [], 0
@@ -1439,35 +1487,30 @@ def read_log(path, keep):
             torn += 1
     if torn:
         say(f"warning: dropped {torn} torn line(s) from {path}")
-    rows = [r for r in rows if isinstance(r, dict) and keep(r)]
+    rows = [r for r in rows if isinstance(r, dict) and r.get("step", 0) < before]
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
 def latest_checkpoint(out_dir):
-    names = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
-    ok = [
-        d
-        for d in names
-        if d.startswith("checkpoint-")
-        and os.path.exists(os.path.join(out_dir, d, "trainer_state.pt"))
-    ]
-    return os.path.join(out_dir, ok[-1]) if ok else None
+    names = [d for d in os.listdir(out_dir) if d.startswith("checkpoint-")]
+    done = [d for d in names if os.path.exists(f"{out_dir}/{d}/trainer_state.pt")]
+    return os.path.join(out_dir, max(done)) if done else None
 
 
 def save_checkpoint(run, step):
     """checkpoint-NNNNNN/: a plain HF dir in bf16 (transformers, eval.py, vLLM load it) and the
     tokenizer; in the newest only, trainer_state.pt: optimizer state, fp32 master weights and the
-    memory choices (fit), for an exact --resume on any number of processes. Written to a temp dir
-    and renamed, Ctrl-C held off until then: a checkpoint is whole, and is the step it names."""
+    memory choices, for an exact --resume on any number of processes. Written to a temp dir and
+    renamed, Ctrl-C held off until then: a checkpoint is whole, and is the step it names."""
     from torch.distributed.checkpoint import state_dict as sd
 
     o = sd.StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP2: a collective
     weights = sd.get_model_state_dict(run.policy, options=o)
-    state = dict(optimizer=sd.get_optimizer_state_dict(run.policy, run.opt, options=o), step=step,
-                 args=dataclasses.asdict(run.args), fit=run.fit)  # fmt: skip
+    opt = sd.get_optimizer_state_dict(run.policy, run.opt, options=o)
+    state = dict(optimizer=opt, step=step, args=dataclasses.asdict(run.args), fit=run.fit)
     if any(v.dtype == torch.float32 for v in weights.values()):
-        state["master"] = weights
+        state["master"] = weights  # fp32 master weights: the files are bf16
     final, tmp = (os.path.join(run.out_dir, f"{p}checkpoint-{step:06d}") for p in ("", ".tmp-"))
     with ctrl_c_deferred():
         try:
@@ -1478,12 +1521,11 @@ def save_checkpoint(run, step):
         except (OSError, RuntimeError) as e:
             shutil.rmtree(tmp, ignore_errors=True)
             why = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
-            last = latest_checkpoint(run.out_dir)
-            die(f"cannot write checkpoint {final} ({why}); the last whole one: {last}")
-    for d in os.listdir(run.out_dir) if run.rank == 0 else ():  # optimizer state: the newest only
-        old = os.path.join(run.out_dir, d, "trainer_state.pt")
-        if d.startswith("checkpoint-") and d != os.path.basename(final) and os.path.exists(old):
-            os.remove(old)
+            die(
+                f"cannot write {final} ({why}); the last whole one: {latest_checkpoint(run.out_dir)}"
+            )
+    while run.rank == 0 and latest_checkpoint(run.out_dir) != final:  # the newest holds the state
+        os.remove(os.path.join(latest_checkpoint(run.out_dir), "trainer_state.pt"))
     run.saved = step
     if dist.is_initialized():
         dist.barrier()
@@ -1536,28 +1578,33 @@ def plot_curves(run):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    m, e, a = run.metrics, run.evals, run.args
-    col = lambda rows, k: [r[k] for r in rows]
-    hours = lambda rows, k: [sum(col(rows[: i + 1], k)) / 3600 for i in range(len(rows))]
+    a, model = run.args, os.path.basename(run.args.model.rstrip("/"))
+    keys = ("step", "reward_mean", "response_len_mean", "truncated_frac", "estep_s", "mstep_s")
+    m = {k: [r[k] for r in run.metrics] for k in keys}
+    e = {k: [r[k] for r in run.evals] for k in ("step", "test_score", "seconds")}
+    unit, per = ("hours", 3600) if sum(m["mstep_s"]) > 7200 else ("minutes", 60)
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    ax[0].plot(col(m, "step"), col(m, "reward_mean"), label="training reward (samples at T)")
-    ax[0].plot(col(e, "step"), col(e, "test_score"), "o-", label="test score (greedy)")
-    paper = PAPER_CURVES.get((os.path.basename(a.model.rstrip("/")), a.dataset))
+    ax[0].plot(m["step"], m["reward_mean"], label="training reward (samples at T)")
+    ax[0].plot(e["step"], e["test_score"], "o-", label="test score (greedy)")
+    paper = PAPER_CURVES.get((model, a.dataset))
     if paper:
-        ax[0].plot(*zip(*paper), "k+--", label="the paper's EMPG test score")
-    ax[1].plot(col(m, "step"), col(m, "response_len_mean"), label="mean response length")
-    ax[1].plot([], [], "r:", label="truncated (right axis)")
-    ax[1].twinx().plot(col(m, "step"), col(m, "truncated_frac"), "r:")
-    ax[2].plot(col(m, "step"), hours(m, "estep_s"), label="E-step (sampling)")
-    ax[2].plot(col(m, "step"), hours(m, "mstep_s"), label="M-step (training)")
-    ax[2].plot(col(e, "step"), hours(e, "seconds"), "o-", label="evaluation")
-    titles = ("Is it learning?", "Response length", "Where the time goes")
-    for x, title, y in zip(ax, titles, ("reward, score", "tokens", "hours, cumulative")):
-        x.set(title=title, xlabel="step", ylabel=y)
-        x.legend(fontsize=8)
-    fig.suptitle(
-        f"{a.algo}: {os.path.basename(a.model.rstrip('/'))} on {os.path.basename(a.dataset)}"
+        ax[0].plot(*zip(*paper), "k+:", label="the paper's EMPG test score")
+    ax[1].plot(m["step"], m["response_len_mean"], label="mean response length")
+    ax[1].plot([], [], "r:", label="truncated at --max-new-tokens (right)")
+    ax[1].twinx().set(ylim=(0, 1.05), ylabel="fraction").axes.plot(
+        m["step"], m["truncated_frac"], "r:"
     )
+    for x, k, what in (
+        (m, "estep_s", "E-step"),
+        (m, "mstep_s", "M-step"),
+        (e, "seconds", "evaluation"),
+    ):
+        ax[2].plot(x["step"], torch.tensor(x[k], dtype=torch.float64).cumsum(0) / per, label=what)
+    titles = ("Is it learning?", "Response length", "Where the time goes")
+    for x, title, y in zip(ax, titles, ("reward, score", "tokens", f"{unit}, cumulative")):
+        x.set(title=title, xlabel="step", ylabel=y, ylim=(0, None))
+        x.legend(fontsize=8)
+    fig.suptitle(f"{a.algo}: {model} on {os.path.basename(a.dataset)}")
     fig.tight_layout()
     fig.savefig(os.path.join(run.out_dir, "curves.png"), dpi=80)
     plt.close(fig)
@@ -1566,66 +1613,47 @@ def plot_curves(run):
 # ---- Benchmark (`--benchmark`: random prompts; a config-only --model will do)
 def benchmark(args):
     """Our E-step against generate() on the same prompts (its dynamic cache, and its static cache,
-    compiled on CUDA by transformers), an M-step on our samples, a greedy eval batch, the run
-    projected. Rows decode to the cap (no EOS): the same work for all, an upper bound."""
+    which transformers compiles on CUDA), an M-step, a greedy eval batch, the run projected. Rows
+    decode to the cap (no EOS): the same work for all, an upper bound. One JSON line."""
     dev, dtype = device_and_dtype(args)
     policy = load_policy(args, dev, None)
     theta_star = frozen_copy(policy, dtype) if dtype != policy.dtype else policy
-    opt, decoder = (
-        make_optimizer(policy, args, dev),
-        make_decoder(theta_star, args.sampler, args.master_dtype),
-    )
-    g, res, n, T = (
-        torch.Generator().manual_seed(args.seed),
-        {},
-        args.num_samples,
-        args.max_new_tokens,
-    )
-    lengths = torch.randint(64, 129, (args.prompts_per_step,), generator=g).tolist()
+    decoder = make_decoder(theta_star, args.sampler, args.master_dtype)
+    n, T, g = args.num_samples, args.max_new_tokens, torch.Generator().manual_seed(args.seed)
     vocab = min(policy.config.vocab_size, 151643)  # below Qwen's special tokens
+    lengths = torch.randint(64, 129, (args.prompts_per_step,), generator=g).tolist()
     prompts = [torch.randint(0, vocab, (k,), generator=g).tolist() for k in lengths]
-    tokens = len(prompts) * n * T
-    ours = lambda: sample(
-        decoder, prompts, n, T, set(), 0, args.temperature, torch.Generator(dev).manual_seed(0)
-    )
-    timed(ours, res, "ours_first_s")  # allocates the KV cache (and compiles)
-    comps = timed(ours, res, "ours_s", "estep_peak_mem_gib")  # what a later step costs
-    res["ours_tok_s"] = tokens / res["ours_s"]
+    res, tokens = {}, len(prompts) * n * T
+    sampler = functools.partial(sample, decoder, prompts, n, T, set(), 0, args.temperature)
+    timed(sampler, res, "ours_first_s")  # allocates the KV cache (and compiles)
+    comps = timed(sampler, res, "ours_s", "estep_peak_mem_gib")  # what a later step costs
     decoder.free_cache()
-    for cache in ("dynamic", "static"):
-        gen = lambda: generate_like_sample(theta_star, prompts, n, T, args.temperature, cache)
-        timed(gen, res, f"generate_{cache}_first_s")
-        timed(gen, res, f"generate_{cache}_s")
-        res[f"generate_{cache}_tok_s"] = tokens / res[f"generate_{cache}_s"]
-        res[f"speedup_vs_{cache}"] = res[f"generate_{cache}_s"] / res["ours_s"]
-    reps, adv = [p for p in prompts for _ in range(n)], torch.randn(len(comps))
+    for cache in ("dynamic", "static"):  # a first call compiles the static one on CUDA
+        generate = functools.partial(generate_like_sample, theta_star, prompts, n, T, cache)
+        timed(generate, res, f"generate_{cache}_first_s")
+        timed(generate, res, f"generate_{cache}_s")
+    for k in ("ours", "generate_dynamic", "generate_static"):
+        res[f"{k}_tok_s"] = tokens / res[f"{k}_s"]
+    res["speedup_vs_dynamic"] = res["generate_dynamic_s"] / res["ours_s"]
+    res["speedup_vs_static"] = res["generate_static_s"] / res["ours_s"]
+    opt, reps = make_optimizer(policy, args, dev), [p for p in prompts for _ in range(n)]
     autocast = torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)
-    timed(
-        lambda: m_step(policy, opt, reps, comps, adv, args, None, autocast),
-        res,
-        "mstep_s",
-        "peak_mem_gib",
-    )
+    m_step_once = functools.partial(m_step, policy, opt, reps, comps, torch.randn(len(comps)), args)
+    timed(functools.partial(m_step_once, autocast=autocast), res, "mstep_s", "peak_mem_gib")
     m_tokens = (sum(map(len, reps)) + tokens) * args.updates_per_batch
     res["mstep_tok_s"] = m_tokens / res["mstep_s"]
     if dev.type == "cuda":
         res["mfu"] = mfu(policy, m_tokens, tokens * args.updates_per_batch, res["mstep_s"])
-    problems = args.eval_limit or {"math-hard": 496}.get(args.dataset, 1265)  # after the filter
-    batch = [prompts[i % len(prompts)] for i in range(min(args.eval_rows or 512, problems))]
-    timed(
-        lambda: sample(make_decoder(theta_star, args.sampler, "bf16"), batch, 1, T, set(), 0, 0),
-        res,
-        "eval_batch_s",
+    res.update(project(args, theta_star, prompts, res))
+    res.update(
+        device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+        sampler=type(decoder).__name__ + " (compiled)" * decoder.__dict__.get("compiled", 0),
+        model=args.model,
+        master_dtype=args.master_dtype,
+        prompts=len(prompts),
+        num_samples=n,
+        max_new_tokens=T,
     )
-    steps, every = args.steps or 225, args.eval_every
-    evals = steps // every + 1 + (steps % every > 0) if every else 0
-    res["projected_train_h"] = steps * (res["ours_s"] + res["mstep_s"]) / 3600
-    res["projected_eval_h"] = evals * -(-problems // len(batch)) * res["eval_batch_s"] / 3600
-    res["projected_run_h"] = res["projected_train_h"] + res["projected_eval_h"]
-    res.update(sampler=type(decoder).__name__ + " (compiled)" * getattr(decoder, "compiled", False),
-               device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", model=args.model,
-               master_dtype=args.master_dtype, prompts=len(prompts), num_samples=n, max_new_tokens=T,
-               eval_rows=len(batch), eval_problems=problems)  # fmt: skip
     print(json.dumps(res))
     return res
 
@@ -1654,13 +1682,46 @@ def timed(fn, res, key, peak_key=None):
     return out
 
 
-def generate_like_sample(model, prompts, n, max_new_tokens, temperature=1.0, cache="dynamic"):
+def generate_like_sample(model, prompts, n, max_new_tokens, cache="dynamic", temperature=1.0):
     """model.generate() on the same prompts and lengths as sample(): the library's own paths."""
     ids, mask = left_pad(prompts, 0, model.device)
-    kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=0,
-              num_return_sequences=n, do_sample=temperature > 0, cache_implementation=cache)  # fmt: skip
-    kw.update(dict(temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else {})
-    return model.generate(ids, attention_mask=mask, **kw)
+    return model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        num_return_sequences=n,
+        cache_implementation=cache,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        pad_token_id=0,
+    )
+
+
+def project(args, theta_star, prompts, res):
+    """The run's hours: --steps E- and M-steps of this shape, and its evaluations (the test set at
+    1265 problems for GSM8K, 496 for MATH-500) in greedy batches of their own row count."""
+    problems = args.eval_limit or {"math-hard": 496}.get(args.dataset, 1265)
+    batch = [prompts[i % len(prompts)] for i in range(min(args.eval_rows or 512, problems))]
+    decoder = make_decoder(theta_star, args.sampler, "bf16")  # evaluate()'s: eager
+    timed(
+        functools.partial(sample, decoder, batch, 1, args.max_new_tokens, set(), 0, 0),
+        res,
+        "eval_batch_s",
+    )
+    steps, every = args.steps or 225, args.eval_every
+    evals = steps // every + 1 + (steps % every > 0) if every else 0
+    train_h = steps * (res["ours_s"] + res["mstep_s"]) / 3600
+    eval_h = evals * -(-problems // len(batch)) * res["eval_batch_s"] / 3600
+    return dict(
+        eval_rows=len(batch),
+        eval_problems=problems,
+        projected_train_h=train_h,
+        projected_eval_h=eval_h,
+        projected_run_h=train_h + eval_h,
+    )
 
 
 if __name__ == "__main__":
