@@ -1524,8 +1524,10 @@ def save_checkpoint(run, step):
             die(
                 f"cannot write {final} ({why}); the last whole one: {latest_checkpoint(run.out_dir)}"
             )
-    while run.rank == 0 and latest_checkpoint(run.out_dir) != final:  # the newest holds the state
-        os.remove(os.path.join(latest_checkpoint(run.out_dir), "trainer_state.pt"))
+    for d in os.listdir(run.out_dir) if run.rank == 0 else ():  # the newest holds the state
+        old = os.path.join(run.out_dir, d, "trainer_state.pt")
+        if d.startswith("checkpoint-") and d != os.path.basename(final) and os.path.exists(old):
+            os.remove(old)
     run.saved = step
     if dist.is_initialized():
         dist.barrier()
@@ -1582,7 +1584,10 @@ def plot_curves(run):
     keys = ("step", "reward_mean", "response_len_mean", "truncated_frac", "estep_s", "mstep_s")
     m = {k: [r[k] for r in run.metrics] for k in keys}
     e = {k: [r[k] for r in run.evals] for k in ("step", "test_score", "seconds")}
-    unit, per = ("hours", 3600) if sum(m["mstep_s"]) > 7200 else ("minutes", 60)
+    total = sum(m["estep_s"] + m["mstep_s"])
+    unit, per = (
+        ("hours", 3600) if total > 7200 else ("minutes", 60) if total > 120 else ("seconds", 1)
+    )
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     ax[0].plot(m["step"], m["reward_mean"], label="training reward (samples at T)")
     ax[0].plot(e["step"], e["test_score"], "o-", label="test score (greedy)")
@@ -1591,9 +1596,9 @@ def plot_curves(run):
         ax[0].plot(*zip(*paper), "k+:", label="the paper's EMPG test score")
     ax[1].plot(m["step"], m["response_len_mean"], label="mean response length")
     ax[1].plot([], [], "r:", label="truncated at --max-new-tokens (right)")
-    ax[1].twinx().set(ylim=(0, 1.05), ylabel="fraction").axes.plot(
-        m["step"], m["truncated_frac"], "r:"
-    )
+    twin = ax[1].twinx()
+    twin.plot(m["step"], m["truncated_frac"], "r:")
+    twin.set(ylim=(0, 1.05), ylabel="fraction truncated")
     for x, k, what in (
         (m, "estep_s", "E-step"),
         (m, "mstep_s", "M-step"),
@@ -1602,7 +1607,8 @@ def plot_curves(run):
         ax[2].plot(x["step"], torch.tensor(x[k], dtype=torch.float64).cumsum(0) / per, label=what)
     titles = ("Is it learning?", "Response length", "Where the time goes")
     for x, title, y in zip(ax, titles, ("reward, score", "tokens", f"{unit}, cumulative")):
-        x.set(title=title, xlabel="step", ylabel=y, ylim=(0, None))
+        x.set(title=title, xlabel="step", ylabel=y)
+        x.set_ylim(bottom=0)
         x.legend(fontsize=8)
     fig.suptitle(f"{a.algo}: {model} on {os.path.basename(a.dataset)}")
     fig.tight_layout()
