@@ -38,7 +38,9 @@ def arg(default, help, choices="", bounds="[0, inf)", resume=False):
 class Args:
     # algorithm
     algo: str = arg("empg", "empg (Eq. 12), or grpo (the paper's comparator)", "empg grpo")
-    reward_norm: str = arg("token", "R̃'s μ, σ over (sigmoid_normalize)", "token batch group none")
+    reward_norm: str = arg(
+        "token", "R̃'s μ, σ over: tokens, responses, a prompt's N; none", "token batch group none"
+    )
     baseline: str = arg("half", "b in A = 2(R̃ − b): ½ (author's 2σ(z) − 1) or mean R̃", "half mean")
     beta: float = arg(0.0, "β · KL(πθ‖π_init), k3 (author's 1.5B GSM8K job: 0.001)")
     entropy_coef: float = arg(0.0, "entropy bonus (author's 1.5B GSM8K job: 0.001)")
@@ -393,7 +395,12 @@ def parse_args(argv=None, spec=Args, prog="empg"):
         kw = dict(type=f.metadata["kind"], default=f.default, choices=f.metadata["choices"] or None)
         kw = dict(action="store_true") if f.type is bool else kw
         kw = dict(action="append", default=[]) if f.type is list else kw
-        p.add_argument(flag(f.name), help=f"{f.metadata['help']} (default: {f.default})", **kw)
+        default = "the dataset's preset" if f.default is None else f.default
+        default = "none" if default == "" else default
+        help = f.metadata["help"] + (
+            "" if "default" in f.metadata["help"] else f" (default: {default})"
+        )
+        p.add_argument(flag(f.name), help=help, **kw)
     a = spec(**vars(p.parse_args(argv)))
     for k, v in PRESETS.get(a.dataset, OURS).items() if spec is Args else ():
         setattr(a, k, v if getattr(a, k) is None else getattr(a, k))

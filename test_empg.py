@@ -1646,3 +1646,33 @@ def test_completions_stop_at_the_models_eos_unless_asked():
     tok, model = char_tokenizer(), tiny_model()
     assert empg.stop_ids(tok, model) == {0}  # <|endoftext|>: the author's MATH rollouts
     assert empg.stop_ids(tok, model, im_end=True) == {0, 1}  # --stop-at-im-end
+
+
+def test_the_readme_tables_match_args_and_a_real_metrics_row(model_dir, toy_jsonl, tmp_path):
+    """The README's flag table names every flag of Args and no other; its metrics.jsonl and eval.jsonl
+    column lists are a real run's rows, in order."""
+    import dataclasses, re
+
+    readme = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    table = readme.split("## Every flag")[1].split("\n## ")[0]
+    first_cells = [l.split("|")[1] for l in table.splitlines() if l.startswith("| `--")]
+    assert set(re.findall(r"`(--[a-z-]+)`", " ".join(first_cells))) == {
+        empg.flag(f.name) for f in dataclasses.fields(empg.Args)
+    }
+    out = str(tmp_path / "o")
+    empg.train(
+        empg.parse_args(
+            train_argv(model_dir, out, toy_jsonl, "--steps", "1", "--eval-dataset", toy_jsonl)
+        )
+    )
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        listed = readme.split(f"- `{name}`, one row per ")[1].split(":", 1)[1].split(";")[0]
+        assert re.findall(r"[a-z_0-9]+", listed.replace("`", "")) == list(
+            read_jsonl(os.path.join(out, name))[0]
+        )
+    watch = readme.split("**What to watch**")[1].split("\n\n")[1]
+    named = set(
+        re.findall(r"`([a-z_*]+)`", " ".join(l.split("|")[1] for l in watch.splitlines()[2:]))
+    )
+    row = read_jsonl(os.path.join(out, "metrics.jsonl"))[0]
+    assert {k for k in named if "*" not in k} <= set(row)
