@@ -1198,6 +1198,8 @@ def evaluate(run, step):
     row.update(n=len(grades), batch_rows=run.eval_batch, seconds=time.time() - t0)
     run.evals.append(row)
     log_row(run, "eval.jsonl", row)
+    if run.rank == 0:
+        plot_curves(run)  # redrawn at each evaluation, and at the end
 
 
 def fit_memory(run, state):
@@ -1582,10 +1584,7 @@ PAPER_CURVES = {
 
 def plot_curves(run):
     """curves.png: reward and test score, length and truncation, where the time goes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend switched under a notebook
 
     a, model = run.args, os.path.basename(run.args.model.rstrip("/"))
     keys = ("step", "reward_mean", "response_len_mean", "truncated_frac", "estep_s", "mstep_s")
@@ -1595,7 +1594,8 @@ def plot_curves(run):
     unit, per = (
         ("hours", 3600) if total > 7200 else ("minutes", 60) if total > 120 else ("seconds", 1)
     )
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    fig = Figure(figsize=(15, 4), layout="tight")
+    ax = fig.subplots(1, 3)
     ax[0].plot(m["step"], m["reward_mean"], label="training reward (samples at T)")
     ax[0].plot(e["step"], e["test_score"], "o-", label="test score (greedy)")
     paper = PAPER_CURVES.get((model, a.dataset))
@@ -1615,12 +1615,10 @@ def plot_curves(run):
     titles = ("Is it learning?", "Response length", "Where the time goes")
     for x, title, y in zip(ax, titles, ("reward, score", "tokens", f"{unit}, cumulative")):
         x.set(title=title, xlabel="step", ylabel=y)
-        x.set_ylim(bottom=0)
+        x.set_ylim(0, 1.15 * x.get_ylim()[1])
         x.legend(fontsize=8)
     fig.suptitle(f"{a.algo}: {model} on {os.path.basename(a.dataset)}")
-    fig.tight_layout()
     fig.savefig(os.path.join(run.out_dir, "curves.png"), dpi=80)
-    plt.close(fig)
 
 
 # ---- Benchmark (`--benchmark`: random prompts; a config-only --model will do)
