@@ -9,7 +9,7 @@ reasoning behaviour.
 Data, prompts, the prompt filter, graders and the sampler are empg.py's own, imported, never copied:
 the numbers here are the trainer's in-run test score, computed the same way."""
 
-import json, math, os, re, sys, time
+import json, math, os, re, time
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +17,8 @@ import torch
 import empg
 from empg import arg, die, grade
 
-# Behaviour markers: a LEXICAL PROXY for the paper's emergent behaviours (§5), counts of phrases,
-# not a judgment of whether the model really verified or backtracked. Matched case-insensitively.
+# Behaviour markers: a LEXICAL PROXY for the paper's emergent behaviours (§5): phrase counts, not a
+# judgment of whether the model really verified or backtracked.
 MARKERS = {
     "self_verification": ["let me check", "let's check", "let me verify", "let's verify", "verify",
                           "double-check", "double check", "check our answer", "check the answer",
@@ -44,15 +44,15 @@ class EvalArgs:
     model: list = arg((), "hub name or checkpoint dir; repeat to compare")
     tokenizer: str = arg("", "tokenizer (default: the model's own)")
     dataset: str = arg(
-        "gsm8k", "gsm8k, math500 (MATH-500: math-hard's test set), math-hard-l5, or a .jsonl"
+        "gsm8k", "gsm8k, math500 (= math-hard's test set), math-hard-l5, or a .jsonl"
     )
-    data_dir: str = arg("", "local folder laid out like ../shared/data (default: the hub)")
-    prompt_template: str = arg("", "prompt with a {question} placeholder (default: the dataset's)")
-    max_prompt_chars: int = arg(
-        -1, "drop longer prompts (-1: empg's preset; 0: keep all)", bounds="[-1, inf)"
+    data_dir: str = arg("", "a local copy laid out like ../shared/data")
+    prompt_template: str = arg(
+        "", "a prompt with a {question} placeholder (default: the dataset's)"
     )
+    max_prompt_chars: int = arg(-1, "drop longer prompts (-1: empg's preset)", bounds="[-1, inf)")
     stop_at_im_end: bool = arg(False, "end completions at <|im_end|> too (empg's flag)")
-    limit: int = arg(0, "the first N problems only (0: all)", bounds="[0, inf)")
+    limit: int = arg(0, "the first N problems only (0: all)")
     num_samples: int = arg(1, "k samples per problem (pass@k, maj@k when k > 1)", bounds="[1, inf)")
     temperature: float = arg(0.0, "0 = greedy (the paper's test score)", bounds="[0, 10]")
     max_new_tokens: int = arg(1024, "completion length cap", bounds="[1, inf)")
@@ -79,8 +79,8 @@ def pass_at_k(n, c, k):
 
 
 def majority_vote(answers, same=empg.answers_equal, budget_s=None):
-    """The most frequent answer up to equivalence (None abstains); ties go to the answer seen first.
-    Equal strings never reach `same`; after budget_s seconds only equal strings count as one."""
+    """The most frequent answer up to `same` (None abstains; ties: the first seen); after budget_s
+    seconds only equal strings count as one."""
     groups, t0, budget_s = [], time.time(), MAJ_BUDGET_S if budget_s is None else budget_s
     for a in (a for a in answers if a is not None):
         for g in groups:
@@ -93,9 +93,8 @@ def majority_vote(answers, same=empg.answers_equal, budget_s=None):
 
 
 def score_problem(question, answer, completions, task, lengths=None, truncated=None, k=None):
-    """Grades, pass@k and maj@k for one problem, in bounded time (GRADE_BUDGET_S, MAJ_BUDGET_S).
-    maj@k votes with the rule accuracy uses: for GSM8K the strict '#### n' answers, compared as
-    strings; for MATH, math-verify equivalence."""
+    """Grades, pass@k and maj@k for one problem, in bounded time. maj@k votes by accuracy's rule:
+    GSM8K's strict '#### n' answers as strings, MATH's by math-verify."""
     k, ref, t0, grades = k or len(completions), empg.final_answer(answer), time.time(), []
     for c in completions:  # past the problem's budget, equal strings only: no math-verify pile-up
         grades.append(grade(c, answer, task, verify=time.time() - t0 < GRADE_BUDGET_S))
@@ -118,8 +117,7 @@ def score_problem(question, answer, completions, task, lengths=None, truncated=N
 
 
 def mean_and_se(per_problem):
-    """The mean over problems and its standard error, sqrt(s²/n): for one greedy sample a problem,
-    the binomial sqrt(p(1 − p)/n), ±1.2 points at 0.744 on GSM8K's 1265 problems."""
+    """The mean over problems and its standard error sqrt(s²/n) (±1.2 points at 0.744 on 1265)."""
     n, m = len(per_problem), sum(per_problem) / max(len(per_problem), 1)
     var = sum((x - m) ** 2 for x in per_problem) / max(n - 1, 1)
     return m, math.sqrt(var / max(n, 1))
@@ -143,8 +141,8 @@ def summarize(results, k, length_unit, settings):
 
 
 def sample_and_score(model_name, label, rows, task, template, args):
-    """k completions a problem from empg's own sampler (greedy at temperature 0), each problem
-    scored by score_problem. Batches are padded to --batch-size: one KV cache (and graph set)."""
+    """k completions a problem from empg's sampler, scored. Batches are padded to --batch-size:
+    one KV cache (and graph set)."""
     from tqdm import tqdm
 
     dev, dtype = empg.device_and_dtype(args)
@@ -188,8 +186,7 @@ def load_graded_rows(path):
 
 
 def labels(names):
-    """The shortest path suffix that tells the models apart: two checkpoint-000225 dirs from
-    different runs become run-a/checkpoint-000225 and run-b/checkpoint-000225."""
+    """The shortest path suffixes that tell the models apart (run-a/checkpoint-000225, ...)."""
     parts = [os.path.normpath(n).split(os.sep) for n in names]
     for k in range(1, max(map(len, parts)) + 1):
         got = ["/".join(p[-k:]) for p in parts]
@@ -217,7 +214,7 @@ def table(summaries, names):
 
 
 def writable_dir(path):
-    """Created and tested before any work: a read-only or misspelled path fails now, not after hours."""
+    """Made and tested before any work: a bad path fails now, not after hours."""
     try:
         os.makedirs(path, exist_ok=True)
         open(os.path.join(path, ".write-test"), "w").close()
@@ -254,9 +251,9 @@ def main(argv=None):
         for m, label in labels(args.model).items():
             t0 = time.time()
             results[m] = sample_and_score(m, label, rows, task, template, args)
-            print(f"eval: {m}: {len(rows)} problems in {time.time() - t0:.1f}s", file=sys.stderr)
-            settings[m] = dict(model=m, dataset=args.dataset, temperature=args.temperature,
-                               max_new_tokens=args.max_new_tokens, max_prompt_chars=chars)  # fmt: skip
+            empg.say(f"{m}: {len(rows)} problems in {time.time() - t0:.1f}s")
+            settings[m] = dict(model=m, dataset=args.dataset, temperature=args.temperature)
+            settings[m].update(max_new_tokens=args.max_new_tokens, max_prompt_chars=chars)
     names = labels(list(results))
     summaries = {m: summarize(r, k, unit, settings[m]) for m, r in results.items()}
     for m, r in results.items():
