@@ -11,8 +11,7 @@ Algorithm 1, line by line, and the function that computes it (Part I, unless mar
   every K steps: the greedy test score                      evaluate() II
 `--algo grpo` is the paper's comparator: the grpo branch of advantages(), and grpo_loss().
 
-    python empg.py --model Qwen/Qwen2.5-1.5B                       # GSM8K, the author's job
-    python empg.py --model Qwen/Qwen2.5-1.5B --dataset math-hard   # MATH levels 3-5
+    python empg.py --model Qwen/Qwen2.5-1.5B [--dataset math-hard]   # GSM8K [MATH levels 3-5]
 """
 
 import math, re, time
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 # ==================================================================================================
 
 
-# ---- Arguments: a line a flag gives --help, args.json, a bound and the --resume check
+# ---- Arguments: each line is a flag, with its --help, bound and --resume rule
 def arg(default, help, choices="", bounds="[0, inf)", resume=False):
     kind = type(default) if default is not None else int  # None: the dataset's preset (PRESETS)
     meta = dict(help=help, choices=choices.split(), kind=kind, bounds=bounds, resume=resume)
@@ -38,23 +37,21 @@ def arg(default, help, choices="", bounds="[0, inf)", resume=False):
 class Args:
     # algorithm
     algo: str = arg("empg", "empg (Eq. 12), or grpo (the paper's comparator)", "empg grpo")
-    reward_norm: str = arg(
-        "token", "R̃'s μ, σ over: tokens, responses, a prompt's N; none", "token batch group none"
-    )
-    baseline: str = arg("half", "b in A = 2(R̃ − b): ½ (author's 2σ(z) − 1) or mean R̃", "half mean")
+    reward_norm: str = arg("token", "R̃'s μ, σ: tokens, responses, groups", "token batch group none")
+    baseline: str = arg("half", "b in A = 2(R̃ − b): ½ (author's) or mean R̃", "half mean")
     beta: float = arg(0.0, "β · KL(πθ‖π_init), k3 (author's 1.5B GSM8K job: 0.001)")
     entropy_coef: float = arg(0.0, "entropy bonus (author's 1.5B GSM8K job: 0.001)")
-    clip_eps: float = arg(0.2, "PPO clip ε (grpo only)", bounds="(0, 1)")
-    updates_per_batch: int = arg(1, "optimizer steps per E-step (paper: 1)", bounds="[1, inf)")
+    clip_eps: float = arg(0.2, "PPO clip ε (grpo)", bounds="(0, 1)")
+    updates_per_batch: int = arg(1, "optimizer steps per E-step", bounds="[1, inf)")
     # data and E-step
-    model: str = arg("Qwen/Qwen2.5-1.5B", "hub name or local dir (a config alone: random weights)")
+    model: str = arg("Qwen/Qwen2.5-1.5B", "hub name or local dir (a config: random weights)")
     tokenizer: str = arg("", "hub name or local dir (default: --model)")
     dataset: str = arg("gsm8k", "gsm8k, math-hard, or a .jsonl of {question, answer} rows")
     data_dir: str = arg("", "a local copy laid out like ../shared/data")
-    prompt_template: str = arg("", "prompt with a {question} placeholder (default: the dataset's)")
+    prompt_template: str = arg("", "with a {question} placeholder (default: the dataset's)")
     max_prompt_chars: int = arg(None, "drop longer prompts (author: gsm8k 512, math-hard 1024)")
-    stop_at_im_end: bool = arg(False, "end at <|im_end|> too (faster; author: the model's EOS)")
-    steps: int = arg(None, "optimizer steps (default: one epoch)", bounds="[1, inf)", resume=True)
+    stop_at_im_end: bool = arg(False, "end at <|im_end|> too (faster; author: at EOS)")
+    steps: int = arg(None, "E-steps (default: one epoch)", bounds="[1, inf)", resume=True)
     prompts_per_step: int = arg(32, "prompts per E-step (author: 32)", bounds="[1, inf)")
     num_samples: int = arg(None, "N per prompt (author: gsm8k 2, math-hard 8)", bounds="[1, inf)")
     max_new_tokens: int = arg(
@@ -68,31 +65,30 @@ class Args:
     # speed and memory: the results do not change
     sampler: str = arg("auto", "E-step decoder (make_decoder)", "auto compiled static hf")
     micro_batch_size: int = arg(8, "sequences per M-step forward/backward", bounds="[1, inf)")
-    micro_batch_tokens: int = arg(0, "if > 0: micro-batches of count × padded length ≤ this")
+    micro_batch_tokens: int = arg(0, "if > 0: micro-batches of ≤ this many padded tokens")
     logprob_chunk: int = arg(1024, "tokens per vocab-projection chunk", bounds="[1, inf)")
     gradient_checkpointing: str = arg("auto", "recompute activations (auto: CUDA)", "auto on off")
     dtype: str = arg("auto", "compute dtype (auto: bf16 on CUDA)", "auto bf16 fp32")
-    master_dtype: str = arg("fp32", "weights, AdamW state (bf16: stochastic rounding)", "fp32 bf16")
+    master_dtype: str = arg("fp32", "weights, AdamW state (bf16: AdamWSR)", "fp32 bf16")
     device: str = arg("auto", "auto, cuda, cuda:N or cpu")
     memory_probe: str = arg("auto", "the worst step before step 0 (auto: CUDA)", "auto on off")
     # evaluation: the paper's test score
     eval_every: int = arg(5, "greedy test score at step 0, every K, at the end", resume=True)
     eval_limit: int = arg(0, "the first N held-out problems (0: all)", resume=True)
-    eval_dataset: str = arg("", "held-out set (default: the dataset's test set)", resume=True)
-    eval_rows: int = arg(0, "rows per greedy batch (0: what fits, ≤ 512)", resume=True)
+    eval_dataset: str = arg("", "held-out set (default: the dataset's test split)", resume=True)
+    eval_rows: int = arg(0, "greedy rows a batch (0: what fits, ≤ 512)", resume=True)
     # I/O
     seed: int = arg(0, "data order and sampling", bounds="[0, 2147483647]")
-    output_dir: str = arg("", "the run's dir (default: runs/<model>-<dataset>-<algo>)")
+    output_dir: str = arg("", "the run's dir (default: runs/MODEL-DATASET-ALGO)")
     save_every: int = arg(50, "checkpoint every K steps", bounds="[1, inf)", resume=True)
-    log_samples: int = arg(4, "completions per step into samples.jsonl", resume=True)
+    log_samples: int = arg(4, "completions a step into samples.jsonl", resume=True)
     report_to: str = arg("none", "also log to", "none tensorboard wandb", resume=True)
-    resume: bool = arg(False, "continue the run in --output-dir", resume=True)
+    resume: bool = arg(False, "continue the --output-dir run", resume=True)
     overwrite: bool = arg(False, "delete what --output-dir holds", resume=True)
-    benchmark: bool = arg(False, "time an E-step and an M-step; print JSON", resume=True)
+    benchmark: bool = arg(False, "time the E- and M-step; print JSON", resume=True)
 
 
-# The author's jobs (../shared/reference/paper.md; math-hard's 3072 is the paper's text). Any other
-# dataset gets OURS; a flag overrides either.
+# The author's jobs (../shared/reference/paper.md; math-hard's 3072: the paper's text); a flag wins.
 PRESETS = {
     "gsm8k": dict(num_samples=2, max_new_tokens=1024, max_prompt_chars=512),
     "math-hard": dict(num_samples=8, max_new_tokens=3072, max_prompt_chars=1024),
@@ -102,13 +98,13 @@ OURS = dict(num_samples=8, max_new_tokens=1024, max_prompt_chars=0)
 
 # ---- Graders: load_problems() (Part II) gives rows {question, answer}, prompted by the templates
 def hash_answer(text):
-    """The author's strict rule, `#### (-?[0-9.,]+)`: '#### 18.' ≠ '18'; '####18' reads None."""
+    """The author's strict rule, the first `#### (-?[0-9.,]+)`: '#### 18.' ≠ '18'; '####18': None."""
     m = re.search(r"#### (\-?[0-9\.\,]+)", text)
     return m.group(1).replace(",", "").replace("$", "") if m else None
 
 
 def final_answer(answer):
-    """The number after '####' of a GSM8K solution, else the answer as given."""
+    """The number after a GSM8K solution's '####', else the answer as given."""
     return (hash_answer(answer) or answer.split("####")[-1].strip()) if "####" in answer else answer
 
 
@@ -118,8 +114,9 @@ def gsm8k_reward(completion, answer):
 
 
 def math_reward(completion, answer, verify=True):
-    """1.0 iff the extracted answer (last \\boxed{} → '####' → last number) is math-verify-equal."""
-    pred = extract_answer(completion)
+    """1.0 iff the answer (last \\boxed{} → '####' → last number) of the text before the first
+    <|im_end|> or <|endoftext|> (the author's cut) is math-verify-equal to the reference."""
+    pred = extract_answer(re.split(r"<\|im_end\|>|<\|endoftext\|>", completion)[0])
     return float(pred is not None and answers_equal(pred, final_answer(answer), verify))
 
 
@@ -128,8 +125,8 @@ REWARDS = {"gsm8k": gsm8k_reward, "math": math_reward}
 
 # ---- E-step: N completions per prompt from the frozen θ*
 def next_token(logits, temperature, generator=None):
-    """Greedy at T = 0, else an exact sample of softmax(logits / T): the exponential race argmax(p/E)
-    = argmax(logits − T·log E), E = −log U ~ Exp(1) (uniform_ is 5× cheaper than exponential_)."""
+    """Greedy at T = 0, else an exact sample of softmax(logits / T), the exponential race argmax(p/E)
+    = argmax(logits − T·log E), E = −log U ~ Exp(1) (uniform_: 5× cheaper than exponential_)."""
     if temperature == 0:
         return logits.argmax(-1)
     log_e = torch.empty_like(logits, dtype=torch.float32).uniform_(generator=generator).log_()
@@ -140,7 +137,7 @@ def next_token(logits, temperature, generator=None):
 @torch.no_grad()
 def sample(decoder, prompts, n, max_new_tokens, eos_ids, pad_id, temperature=1.0, generator=None):
     """n completions (token ids) per prompt from the decoder's θ*: row i·n + j is prompt i's j-th,
-    ending at its first EOS or cut at max_new_tokens. Prompts are left-padded: one column a step."""
+    ending at its first EOS or cut at max_new_tokens. Prompts are left-padded: a token a column."""
     dev = decoder.model.device
     logits = decoder.prefill(*left_pad(prompts, pad_id, dev), n, max_new_tokens)
     eos = torch.tensor(sorted(eos_ids), device=dev)
@@ -159,9 +156,9 @@ def sample(decoder, prompts, n, max_new_tokens, eos_ids, pad_id, temperature=1.0
 
 # ---- Reward → R̃ → advantages
 def sigmoid_normalize(rewards, norm="token", group_size=None, lengths=None):
-    """R̃ = sigmoid((R − μ)/sqrt(σ² + 1e-8)), σ² unbiased, over: 'token', the batch's response tokens,
-    each with its response's reward (author's code; no lengths: = 'batch'); 'batch', the responses
-    (paper's text); 'group', each prompt's samples. 'none': R̃ = R. All-equal R: z = 0, not NaN."""
+    """R̃ = sigmoid((R − μ)/sqrt(σ² + 1e-8)), σ² unbiased, over 'token': response tokens, each with
+    its response's R (author's code); 'batch': responses (paper's text); 'group': a prompt's N
+    samples; 'none': R̃ = R. All-equal R: z = 0, not NaN."""
     r = rewards.float()
     if norm == "none":
         return r
@@ -190,8 +187,8 @@ def advantages(
 
 
 def score(rewards, lengths, args):
-    """Rewards and completion lengths → advantages, and metrics for metrics.jsonl. A new idea goes
-    here: shape the rewards, zero the advantages of samples to skip, add a metric."""
+    """Rewards, lengths → advantages, and metrics for metrics.jsonl. A new idea goes here: shape the
+    rewards, zero the advantages of samples to skip, add a metric."""
     adv = advantages(rewards, args.num_samples, args.algo, args.reward_norm, args.baseline, lengths)
     metrics = dict(
         reward_mean=rewards.mean().item(),
@@ -205,8 +202,8 @@ def score(rewards, lengths, args):
 # ---- M-step: log-probs, the losses, one optimizer step
 def completion_logprobs(model, input_ids, attention_mask, completion_mask, temperature=1.0,
                         chunk=1024, with_entropy=False):  # fmt: skip
-    """(log πθ(y_t | x, y_<t) at the sampling temperature, entropy or None), (B, width) fp32, for
-    completion tokens (EOS included; 0 elsewhere) of [left-padded prompt | right-padded completion]."""
+    """(log πθ(y_t | x, y_<t) at temperature T, entropy or None), (B, width) fp32, of completion tokens
+    (EOS included; 0 elsewhere) in [left-padded prompt | right-padded completion]."""
     pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     kw = dict(use_cache=False, logits_to_keep=1, output_hidden_states=True)  # no (B, L, V) logits
     h = model(input_ids, attention_mask, pos, **kw).hidden_states[-1]
@@ -219,15 +216,15 @@ def completion_logprobs(model, input_ids, attention_mask, completion_mask, tempe
 
 
 def seq_mean(x, mask):
-    """Mean over each sequence's completion tokens."""
+    """Each sequence's completion-token mean."""
     return (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
-# Loss aggregation: a token mean per sequence, then a mean over sequences. Eq. 12's E_τ weighs
-# every trajectory equally, so one long rambling completion cannot outweigh short correct ones
-# (the author's code aggregates the same way).
+# Loss aggregation, the author's: a token mean per sequence, then a mean over sequences. Eq. 12's
+# log P(τ) is a sum over tokens; the mean scales each trajectory by 1/|τ|, so one long rambling
+# completion cannot outweigh short correct ones.
 def empg_loss(logp, mask, adv):
-    """L = −mean_τ [A(τ) · mean_t log πθ(y_t)] (Eq. 12): REINFORCE on smoothed rewards."""
+    """L = −mean_τ [A(τ) · mean_t log πθ(y_t)] (Eq. 12, token-averaged): REINFORCE on R̃."""
     return -seq_mean(adv[:, None] * logp, mask).mean()
 
 
@@ -239,14 +236,14 @@ def grpo_loss(logp, old_logp, mask, adv, clip_eps=0.2):
 
 
 def kl_k3(logp, ref_logp):
-    """Per-token k3 estimate of KL(πθ‖π_ref), e^r − r − 1 (r = ref − logp), clamped to ±10 as the
-    author's; r's ±20 only keeps e^r finite."""
+    """k3 estimate of KL(πθ‖π_ref) per token, e^r − r − 1 (r = ref − logp), clamped to ±10 as the
+    author's (r's ±20 only keeps e^r finite)."""
     r = (ref_logp - logp).clamp(-20, 20)
     return (torch.exp(r) - r - 1).clamp(-10, 10)
 
 
 def micro_batch_loss(logp, old_logp, ref_logp, entropy, mask, adv, args):
-    """Eq. 12 (or GRPO's) + β·KL(πθ‖π_init) − c·entropy on one micro-batch; its parts."""
+    """Eq. 12 (or GRPO's) + β·KL(πθ‖π_init) − c·entropy on a micro-batch; its parts."""
     zero = logp.new_zeros(())
     if args.algo == "grpo":
         loss = grpo_loss(logp, old_logp, mask, adv, args.clip_eps)
@@ -262,7 +259,7 @@ def micro_batch_loss(logp, old_logp, ref_logp, entropy, mask, adv, args):
 
 
 def optimizer_step(policy, opt, grad_clip, loss_finite=True):
-    """Clip the global grad norm and step; a non-finite loss or gradient skips the step."""
+    """Clip the grad norm and step; a non-finite loss or gradient skips the step."""
     norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
     skipped = not (loss_finite and math.isfinite(norm))
@@ -273,12 +270,12 @@ def optimizer_step(policy, opt, grad_clip, loss_finite=True):
 
 
 def m_step(policy, opt, prompts, comps, adv, args, ref=None, autocast=None, pad_id=0):
-    """M-step (Eq. 12): `updates_per_batch` optimizer steps on one E-step's samples; each
-    micro-batch's loss weighted by its share of the batch, so the cut does not matter (tested)."""
+    """M-step (Eq. 12): `updates_per_batch` optimizer steps on one E-step's samples (the last one's
+    stats returned); a micro-batch's loss weighs its share of the batch: the cut does not matter."""
     dev, n, with_entropy = policy.device, len(comps), args.entropy_coef > 0
     autocast, adv = autocast or torch.autocast(dev.type, enabled=False), adv.to(dev)
     mbs = micro_batches(prompts, comps, args.micro_batch_size, args.micro_batch_tokens)
-    old = {}  # θ*'s log-probs for GRPO's ratio: the first pass runs at θ = θ*, so they are free
+    old = {}  # θ*'s log-probs for GRPO's ratio: free, the first pass runs at θ = θ*
     policy.train()
     for _ in range(args.updates_per_batch):
         tot = dict(loss=0, kl=0, entropy=0, clip_frac=0)  # on the device: one sync a step
@@ -305,11 +302,11 @@ def m_step(policy, opt, prompts, comps, adv, args, ref=None, autocast=None, pad_
 
 # ---- The run's objects, and the loop: Algorithm 1
 def make_run(args):
-    """The run's objects, in the order a mistake should surface (loaders: Part II)."""
+    """The run's objects, in the order a mistake should surface (the loaders: Part II)."""
     rank, world = init_distributed(args)  # torchrun: G processes, each samples 1/G of the prompts
     dev, dtype = device_and_dtype(args)  # bf16 compute on CUDA
     out_dir, lock, state = open_run_dir(args, rank)  # state: the checkpoint's, on --resume
-    policy = load_policy(args, dev, state)  # θ: fp32 master weights, so a 1e-6 step moves them
+    policy = load_policy(args, dev, state)  # θ in the master dtype (fp32: a 1e-6 step moves it)
     tok = load_tokenizer(args.tokenizer or args.model)
     theta_star = frozen_copy(policy, dtype) if dtype != policy.dtype or world > 1 else policy
     ref = load_reference(args, dev, dtype, policy, state) if args.beta > 0 else None
@@ -322,9 +319,9 @@ def make_run(args):
         autocast=torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32),
         eos_ids=stop_ids(tok, theta_star, args.stop_at_im_end),
     )  # fmt: skip
-    load_eval_rows(run)  # run.eval_rows: the held-out set
+    load_eval_rows(run)  # the held-out set
     open_logs(run, state)  # the logs, cut back to the checkpoint's step on --resume
-    fit_memory(run, state)  # the worst step first: what fits, what is freed, what is halved
+    fit_memory(run, state)  # the worst step first: what fits, what is freed or halved
     return run
 
 
@@ -332,9 +329,9 @@ def train(args):
     run = make_run(args)
     a, tok, policy, theta_star, ref = args, run.tok, run.policy, run.theta_star, run.ref
     rank, N, k = run.rank, args.num_samples, args.prompts_per_step // run.world
-    with guarded(run):  # Ctrl-C finishes the step and saves it; out of memory: one line
-        for step in progress(run):  # step = optimizer steps taken so far
-            # ---- θ* ← θ: freeze the weights that sample this step (and take the test score)
+    with guarded(run):  # Ctrl-C: the step finishes and is saved; out of memory: one line
+        for step in progress(run):  # step = E-steps (batches) done so far
+            # ---- θ* ← θ: freeze the weights that sample (and take the test score)
             sync_theta_star(theta_star, policy)
             if a.eval_every and step % a.eval_every == 0:
                 evaluate(run, step)
@@ -346,18 +343,21 @@ def train(args):
             for part in chunks(batch, run.estep_prompts):  # one chunk unless memory is short
                 comps += sample(run.decoder, [r["ids"] for r in part], N, a.max_new_tokens,
                                 run.eos_ids, run.pad_id, a.temperature, gen)  # fmt: skip
-            # ---- reward R(τ) ∈ {0,1} → R̃ → A; statistics over the whole batch (all processes)
+            # ---- reward R(τ) ∈ {0,1} → R̃ → A, statistics over the batch (all processes)
             run.phase("grading")
-            texts = tok.batch_decode(comps, skip_special_tokens=True)
+            texts = tok.batch_decode(comps)  # special tokens kept: the MATH grader cuts at them
             local = [REWARDS[run.task](c, batch[i // N]["answer"]) for i, c in enumerate(texts)]
             lengths = torch.tensor(gather_all([len(c) for c in comps]))
             adv, metrics = score(torch.tensor(gather_all(local)), lengths, a)
-            # ---- M-step (Eq. 12): one optimizer step up Σ A(τ) ∇ log Pθ(τ), discard the samples
+            # ---- M-step (Eq. 12): a step up Σ A(τ) ∇ log Pθ(τ); then discard the samples
             run.phase("training")
             t1 = time.time()
             if not run.keep_cache:  # no room for the KV cache during the M-step (fit_memory)
                 run.decoder.free_cache()
-            prompts, my_adv = [r["ids"] for r in batch for _ in range(N)], adv[rank * k * N :]
+            prompts, my_adv = (
+                [r["ids"] for r in batch for _ in range(N)],
+                adv[rank * k * N :][: k * N],
+            )
             stats = m_step(
                 policy, run.opt, prompts, comps, my_adv, a, ref, run.autocast, run.pad_id
             )
@@ -1189,7 +1189,7 @@ def evaluate(run, step):
         run.phase(f"eval {i * run.eval_batch}/{len(rows)}")
         ids = [r["ids"] for r in part]
         comps = sample(decoder, ids, 1, a.max_new_tokens, run.eos_ids, run.pad_id, 0)
-        texts = run.tok.batch_decode(comps, skip_special_tokens=True)
+        texts = run.tok.batch_decode(comps)  # as in train(): the MATH grader cuts at them
         grades += [grade(t, r["answer"], run.eval_task)["correct"] for t, r in zip(texts, part)]
         lens += [len(c) for c in comps]
     decoder.free_cache()

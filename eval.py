@@ -158,7 +158,7 @@ def sample_and_score(model_name, label, rows, task, template, args):
         prompts = [r["ids"] for r in batch] + [batch[-1]["ids"]] * (B - len(batch))
         comps = empg.sample(decoder, prompts, n, args.max_new_tokens, eos, tok.pad_token_id,
                             args.temperature, g)[: len(batch) * n]  # fmt: skip
-        texts = tok.batch_decode(comps, skip_special_tokens=True)
+        texts = tok.batch_decode(comps)  # special tokens kept: the MATH grader cuts at them
         for j, r in enumerate(batch):
             cs, ts = comps[j * n : (j + 1) * n], texts[j * n : (j + 1) * n]
             cut = [len(c) == args.max_new_tokens and c[-1] not in eos for c in cs]
