@@ -397,27 +397,27 @@ def parse_args(argv=None, spec=Args, prog="empg"):
         kw = dict(action="append", default=[]) if f.type is list else kw
         default = "the dataset's preset" if f.default is None else f.default
         default = "none" if default == "" else default
-        help = f.metadata["help"] + (
-            "" if "default" in f.metadata["help"] else f" (default: {default})"
-        )
+        help = f.metadata["help"]
+        help += "" if "default" in help else f" (default: {default})"
         p.add_argument(flag(f.name), help=help, **kw)
     a = spec(**vars(p.parse_args(argv)))
     for k, v in PRESETS.get(a.dataset, OURS).items() if spec is Args else ():
         setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
     for f in fields:
-        if f.metadata["kind"] in (int, float) and not in_bounds(
-            getattr(a, f.name), f.metadata["bounds"]
-        ):
-            die(f"{flag(f.name)} must be in {f.metadata['bounds']}")
+        bounds = f.metadata["bounds"]
+        if f.metadata["kind"] in (int, float) and not in_bounds(getattr(a, f.name), bounds):
+            die(f"{flag(f.name)} must be in {bounds}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", a.device):
         die("--device must be auto, cpu, cuda or cuda:N")
     if "{question}" not in (a.prompt_template or "{question}"):
         die("--prompt-template has no {question}")
-    if spec is Args and a.num_samples < 2 and (a.algo == "grpo" or a.reward_norm == "group"):
+    if spec is not Args:
+        return a
+    if a.num_samples < 2 and (a.algo == "grpo" or a.reward_norm == "group"):
         die("--algo grpo and --reward-norm group need --num-samples >= 2")
-    if spec is Args and a.master_dtype == "bf16" and a.dtype == "fp32":
+    if a.master_dtype == "bf16" and a.dtype == "fp32":
         die("--master-dtype bf16 computes in bf16, not --dtype fp32")
-    if spec is Args and a.resume and a.overwrite:
+    if a.resume and a.overwrite:
         die("--resume and --overwrite contradict each other")
     return a
 
@@ -466,13 +466,10 @@ def make_decoder(model, sampler="auto", master_dtype="fp32"):
 
 
 def left_pad(seqs, pad_id, device):
-    """(B, longest) ids with every sequence flush right, and the mask of real tokens."""
-    ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, ids.shape[1] - len(s) :] = torch.tensor(s)
-    lengths = torch.tensor([len(s) for s in seqs])[:, None]
-    mask = torch.arange(ids.shape[1]) >= ids.shape[1] - lengths
-    return ids.to(device), mask.long().to(device)
+    width = max(map(len, seqs))
+    ids = [[pad_id] * (width - len(s)) + s for s in seqs]
+    mask = [[0] * (width - len(s)) + [1] * len(s) for s in seqs]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
 
 
 class PlainDecoder:
@@ -506,9 +503,8 @@ def rope(x, cos, sin):
 
 
 def decode_step(model, kv, valid, tok, pos, col, width):
-    """Logits (R, vocab) after tokens tok (R,) at positions pos (R, 1), their K/V written to cache
-    column col (a tensor: the column moves, the graph does not). Attention reads the first `width`
-    columns (the filled part), each KV head once for its H/KV query heads (6× less for 1.5B)."""
+    """Logits after tok (R,) at pos (R, 1), K/V written at cache column col (a tensor: the column
+    moves, the graph does not); attention reads the filled `width` columns, each KV head once."""
     m, R = model.model, tok.shape[0]
     x = m.embed_tokens(tok[:, None])  # (R, 1, D)
     cos, sin = m.rotary_emb(x, pos)
@@ -528,10 +524,8 @@ def decode_step(model, kv, valid, tok, pos, col, width):
 
 
 class StaticDecoder:
-    """decode_step on K/V buffers allocated once and kept between E-steps: every tensor keeps its
-    shape and address, so compiled=True captures it as CUDA graphs (torch.compile reduce-overhead),
-    one per BLOCK-wide window and allocation, a bound the recompile limit is raised to. A failed
-    compile, or the bound hit, warns once and decodes eagerly."""
+    """decode_step on K/V buffers allocated once and kept: fixed shapes and addresses, so compiled=True
+    captures CUDA graphs, one per BLOCK-wide window and allocation (the recompile limit's bound)."""
 
     def __init__(self, model, compiled=False):
         self.model, self.compiled, self.kv, self.valid = model, compiled, None, None
@@ -605,21 +599,13 @@ def chunk_logprobs(h, y, weight, temperature, with_entropy):
 
 
 def vocab_logprobs(h, y, weight, temperature, chunk, with_entropy):
-    """(N, 1 or 2): log p(y) [and entropy] from final hidden states h (N, D), projected `chunk`
-    tokens at a time and recomputed in backward: never the (N × vocab) fp32 logits at once."""
+    """log p(y) [and entropy], (N, 1 or 2), `chunk` tokens at a time, recomputed in backward: never
+    the (N × vocab) fp32 logits at once."""
     parts = [
-        checkpoint(
-            chunk_logprobs,
-            h[i : i + chunk],
-            y[i : i + chunk],
-            weight,
-            temperature,
-            with_entropy,
-            use_reentrant=False,
-        )
-        for i in range(0, len(y), chunk)
+        checkpoint(chunk_logprobs, hs, ys, weight, temperature, with_entropy, use_reentrant=False)
+        for hs, ys in zip(h.split(chunk), y.split(chunk))  # h empty: one empty part
     ]
-    return torch.cat(parts) if parts else h.new_zeros(0, 1 + with_entropy, dtype=torch.float32)
+    return torch.cat(parts)
 
 
 def collate(prompts, completions, pad_id, device):
@@ -634,8 +620,7 @@ def collate(prompts, completions, pad_id, device):
 
 
 def micro_batches(prompts, comps, size, tokens=0):
-    """Indices, longest first, cut into micro-batches of `size`, or with tokens > 0 as large as fits
-    count × padded length ≤ tokens; as many on every process (same_count_on_all_ranks)."""
+    """Indices, longest first, in micro-batches of `size`, or (tokens > 0) count × padded length ≤ tokens."""
     order = sorted(range(len(comps)), key=lambda i: len(prompts[i]) + len(comps[i]), reverse=True)
     mbs = [[]]
     for i in order:
@@ -710,8 +695,6 @@ class AdamWSR(torch.optim.Optimizer):
 
 
 def make_optimizer(policy, args, dev, state=None, world=1):
-    """AdamW (fused on CUDA), or AdamWSR for bf16 master weights, after FSDP2 sharding under
-    torchrun; on --resume, the checkpoint's state."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     if world > 1:
@@ -794,7 +777,6 @@ def load_tokenizer(name):
 
 
 def load_policy(args, dev, state):
-    """θ in the master dtype, gradient checkpointing on CUDA; on --resume the fp32 master weights."""
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # one progress bar: ours
@@ -808,7 +790,7 @@ def load_policy(args, dev, state):
         enable = getattr(
             policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable
         )
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable({"use_reentrant": False})  # either's first parameter
     policy.config.use_cache = False
     return policy
 
@@ -882,7 +864,6 @@ def gather_all(xs):
 
 
 def shard(model, dtype):
-    """FSDP2: a shard group per decoder layer and the root; bf16 compute, fp32 master and reduce."""
     import warnings
 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -928,7 +909,6 @@ def level(row):
 
 
 def rows_of(data_dir, files, hub_names):
-    """The rows of local JSONL files under data_dir, else of datasets on the Hugging Face hub."""
     if data_dir:
         return [r for f in files for _, r in read_jsonl(os.path.join(data_dir, f))]
     offline = hub_offline()
@@ -942,7 +922,6 @@ def rows_of(data_dir, files, hub_names):
 
 
 def problem(row, where):
-    """{question, answer}: a non-empty question, the answer a non-empty string or whole number."""
     q, a = row.get("question", row.get("problem", row.get("prompt"))), row.get("answer")
     if not isinstance(q, str) or not q.strip():
         die(f"{where}: needs a non-empty 'question' (or 'problem'/'prompt') string")
@@ -953,9 +932,7 @@ def problem(row, where):
 
 
 def load_problems(dataset, split="train", data_dir=""):
-    """Rows {question, answer} and the grader ('gsm8k' or 'math'). dataset: gsm8k | math-hard
-    (train: MATH levels 3-5 minus MATH-500; test: MATH-500) | math500 | math-hard-l5 | x.jsonl.
-    data_dir: local files laid out like ../shared/data, else the hub."""
+    """Rows {question, answer} and the grader ('gsm8k' or 'math'); datasets: the README's."""
     if dataset.endswith(".jsonl"):
         return [problem(r, f"{dataset}:{n}") for n, r in read_jsonl(dataset)], "math"
     if dataset not in ("gsm8k", "math-hard", "math500", "math-hard-l5"):
@@ -963,29 +940,18 @@ def load_problems(dataset, split="train", data_dir=""):
     if dataset == "gsm8k":
         rows = rows_of(data_dir, [f"gsm8k/{split}.jsonl"], [("openai/gsm8k", "main", split)])
         return [problem(r, f"gsm8k {split} row {n}") for n, r in enumerate(rows, 1)], "gsm8k"
-    m500 = rows_of(data_dir, ["math/math500_test.jsonl"], [("HuggingFaceH4/MATH-500", "test")])
     lighteval = "DigitalLearningGmbH/MATH-lighteval"
+    if dataset == "math-hard-l5":
+        rows = rows_of(data_dir, ["math/hard_test.jsonl"], [(lighteval, "test")])
+        rows = [r for r in rows if level(r) == 5]
+    else:  # MATH-500: math500, math-hard's test set, and what math-hard's train set leaves out
+        rows = rows_of(data_dir, ["math/math500_test.jsonl"], [("HuggingFaceH4/MATH-500", "test")])
     if dataset == "math-hard" and split == "train":  # the author's "MATH HARD" train set, rebuilt
-        files, names = (
-            ["math/train.jsonl", "math/test.jsonl"],
-            [(lighteval, "train"), (lighteval, "test")],
-        )
-        test = {r["problem"] for r in m500}
-        rows = [
-            r for r in rows_of(data_dir, files, names) if level(r) >= 3 and r["problem"] not in test
-        ]
-    elif dataset == "math-hard-l5":
-        rows = [
-            r
-            for r in rows_of(data_dir, ["math/hard_test.jsonl"], [(lighteval, "test")])
-            if level(r) == 5
-        ]
-    else:
-        rows = m500  # math500, and math-hard's test set
-    return [
-        {"question": r["problem"], "answer": r.get("answer") or last_boxed(r["solution"]) or ""}
-        for r in rows
-    ], "math"
+        test, splits = {r["problem"] for r in rows}, [(lighteval, "train"), (lighteval, "test")]
+        rows = rows_of(data_dir, ["math/train.jsonl", "math/test.jsonl"], splits)
+        rows = [r for r in rows if level(r) >= 3 and r["problem"] not in test]
+    answers = [r.get("answer") or last_boxed(r["solution"]) or "" for r in rows]
+    return [dict(question=r["problem"], answer=a) for r, a in zip(rows, answers)], "math"
 
 
 def keep_short(rows, template, max_chars):
@@ -1023,11 +989,16 @@ def default_template(dataset, task):
     return GSM8K_TEMPLATE if task == "gsm8k" else MATH_TEMPLATE
 
 
+def load_rows(a, name, split, tok, model):
+    """A dataset's split through the author's filter, tokenized; and its grader."""
+    raw, task = load_problems(name, split, a.data_dir)
+    template = a.prompt_template or default_template(name, task)
+    return prepare(raw, tok, template, a.max_prompt_chars, model, a.max_new_tokens, split), task
+
+
 def load_train_rows(args, tok, model):
-    """The training prompts, filtered and tokenized; --steps defaults to one epoch, drop-last."""
-    raw, task = load_problems(args.dataset, "train", args.data_dir)
-    template = args.prompt_template or default_template(args.dataset, task)
-    rows = prepare(raw, tok, template, args.max_prompt_chars, model, args.max_new_tokens, "train")
+    """--steps defaults to one epoch, drop-last."""
+    rows, task = load_rows(args, args.dataset, "train", tok, model)
     args.steps = args.steps or max(1, len(rows) // args.prompts_per_step)
     return rows, task
 
@@ -1107,8 +1078,8 @@ def answers_equal(pred, ref, verify=True):
 
 
 def probe_m_step(run, rows, P):
-    """One M-step forward + backward on rows sequences of P + --max-new-tokens tokens, with AdamW's
-    moments (made at the first step) held meanwhile; run.peak: its peak memory above the start."""
+    """An M-step forward + backward on full-length sequences, AdamW's moments held meanwhile (made
+    at the first step); run.peak: its peak above the start."""
     a, pad, cuda = run.args, run.pad_id, run.dev.type == "cuda"
     start = torch.cuda.memory_allocated() if cuda else 0
     params = [] if run.opt.state else list(run.policy.parameters())
@@ -1163,28 +1134,23 @@ def resume_state(args, out):
 
 # ---- The test score during the run; memory: the worst step met first
 def load_eval_rows(run):
-    """run.eval_rows: --eval-dataset, else the training set's test split (GSM8K test; MATH-500 for
-    math-hard), through the same filter; none for a .jsonl training set."""
+    """run.eval_rows: --eval-dataset, else the training set's test split; none for a .jsonl."""
     a, run.eval_rows, run.eval_task = run.args, [], None
     name = a.eval_dataset or ("" if a.dataset.endswith(".jsonl") else a.dataset)
     if a.eval_every and name:
-        rows, run.eval_task = load_problems(name, "test", a.data_dir)
-        template = a.prompt_template or default_template(name, run.eval_task)
-        rows = prepare(
-            rows, run.tok, template, a.max_prompt_chars, run.policy, a.max_new_tokens, "test"
-        )
+        rows, run.eval_task = load_rows(a, name, "test", run.tok, run.policy)
         run.eval_rows = rows[: a.eval_limit or None]
 
 
 @torch.no_grad()
 def evaluate(run, step):
-    """The paper's test score: θ* decodes the held-out set greedily, run.eval_batch rows at a time,
-    graded as eval.py grades, the KV cache freed after. Eager even with --sampler compiled: graphs
-    on a cache freed each time would be captured each time. → eval.jsonl"""
+    """The paper's test score, greedy, graded as eval.py grades. Eager: graphs on a cache freed each
+    time would be captured each time. → eval.jsonl"""
     if not run.eval_rows or any(e["step"] == step for e in run.evals):
         return
     a, t0, rows = run.args, time.time(), run.eval_rows[run.rank :: run.world]
-    decoder, grades, lens = make_decoder(run.theta_star, a.sampler, "bf16"), [], []
+    decoder = make_decoder(run.theta_star, a.sampler.replace("compiled", "static"), "bf16")
+    grades, lens = [], []
     for i, part in enumerate(chunks(rows, run.eval_batch)):
         run.phase(f"eval {i * run.eval_batch}/{len(rows)}")
         ids = [r["ids"] for r in part]
@@ -1203,8 +1169,7 @@ def evaluate(run, step):
 
 
 def fit_memory(run, state):
-    """The run's memory choices: the checkpoint's on --resume (the same samples), else measured by
-    probe_memory() (--memory-probe; auto: on CUDA), else the flags' and ≤ 512 eval rows."""
+    """The memory choices: the checkpoint's on --resume (the same samples), else probed, else the flags'."""
     a = run.args
     fit = dict(
         estep_prompts=a.prompts_per_step // run.world,
@@ -1213,8 +1178,9 @@ def fit_memory(run, state):
         micro_batch_tokens=a.micro_batch_tokens,
         eval_batch=min(a.eval_rows or 512, len(run.eval_rows) or 1),
     )
-    if state and "fit" in state:
-        fit = state["fit"]
+    if state and "fit" in state:  # the same samples; --eval-rows may change
+        rows = min(a.eval_rows or state["fit"]["eval_batch"], len(run.eval_rows) or 1)
+        fit = dict(state["fit"], eval_batch=rows)
     elif a.memory_probe == "on" or (a.memory_probe == "auto" and run.dev.type == "cuda"):
         probe_memory(run, fit)
     else:
@@ -1228,10 +1194,9 @@ def fit_memory(run, state):
 
 
 def probe_memory(run, fit):
-    """The worst step, once, before step 0: the E-step's KV cache for every row at the longest
-    prompt + --max-new-tokens, then an M-step forward + backward on such sequences (no weight
-    change). What does not fit: the E-step takes fewer prompts at a time; the KV cache is freed
-    before each M-step, then the micro-batch halved. Evaluation gets the rows that fit, ≤ 512."""
+    """The worst step first (the README's memory probe). What does not fit: fewer E-step prompts at a
+    time, then the KV cache freed before each M-step, then the micro-batch halved. (--sampler hf
+    grows its cache while decoding: only the prompts' part is met here.)"""
     a, N, dev, pad = run.args, run.args.num_samples, run.dev, run.pad_id
     P, new = max(len(r["ids"]) for r in run.rows + run.eval_rows), a.max_new_tokens
     key = "micro_batch_tokens" if a.micro_batch_tokens else "micro_batch_size"
@@ -1268,21 +1233,14 @@ def probe_memory(run, fit):
     )
 
 
-def test_score(evals, k=10):
-    """The paper's number: the mean of the last k evaluations (one every 5 steps, step 0's too)."""
-    return sum(e["test_score"] for e in evals[-k:]) / len(evals[-k:]) if evals else None
-
-
 # ---- The run's dir, progress, logs and checkpoints: nothing lost, nothing half-written
 def open_run_dir(args, rank):
     """One run a dir, checked before any model loads: a new run needs an empty dir (or --overwrite);
     a lock keeps a second trainer out. → (dir, lock, the checkpoint's state on --resume)"""
     import fcntl
 
-    name = (
-        f"{os.path.basename(args.model.rstrip('/'))}-{os.path.basename(args.dataset)}-{args.algo}"
-    )
-    out, lock = args.output_dir or os.path.join("runs", name), None
+    model, data = os.path.basename(args.model.rstrip("/")), os.path.basename(args.dataset)
+    out, lock = args.output_dir or f"runs/{model}-{data}-{args.algo}", None
     if os.path.exists(out) and not os.path.isdir(out):
         die(f"--output-dir {out} is a file, not a directory")
     if rank == 0:
@@ -1347,7 +1305,6 @@ def log_row(run, name, row):
 
 
 def log_step(run, step, metrics, stats, times, batch, texts, comps, rewards):
-    """A step's metrics row, a few samples, the progress bar; three skipped steps in a row stop."""
     a, N = run.args, run.args.num_samples
     if run.world > 1:
         stats = dict(
@@ -1434,13 +1391,13 @@ def guarded(run):
 
 
 def finish(run):
-    """After the last step: the final test score, summary.json, curves.png, where things went."""
     sync_theta_star(run.theta_star, run.policy)
     if run.args.eval_every:
         evaluate(run, run.args.steps)
     rewards = [m["reward_mean"] for m in run.metrics[-10:]]
     s = dict(steps=run.args.steps, reward_last10=sum(rewards) / max(len(rewards), 1))
-    s.update(test_score_last10=test_score(run.evals), evals=len(run.evals))
+    scores = [e["test_score"] for e in run.evals[-10:]]  # the paper's number
+    s.update(test_score_last10=sum(scores) / len(scores) if scores else None, evals=len(run.evals))
     s["step0_test_score"] = next((e["test_score"] for e in run.evals if e["step"] == 0), None)
     s.update(checkpoint=latest_checkpoint(run.out_dir), output_dir=run.out_dir)
     if run.rank == 0:
@@ -1465,12 +1422,10 @@ def finish(run):
 
 
 def append_jsonl(path, rows):
-    """One write a row (O_APPEND): a crash leaves at most a torn last line, which read_log drops."""
+    """A write a row (line-buffered): a crash leaves at most a torn last line, which read_log drops."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        for r in rows:
-            os.write(fd, (json.dumps(r) + "\n").encode())
-        os.close(fd)
+        with open(path, "a", buffering=1) as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
     except OSError as e:
         die(f"cannot write {path}: {e.strerror}")
 
@@ -1508,16 +1463,14 @@ def latest_checkpoint(out_dir):
 
 
 def save_checkpoint(run, step):
-    """checkpoint-NNNNNN/: a plain HF dir in bf16 (transformers, eval.py, vLLM load it) and the
-    tokenizer; in the newest only, trainer_state.pt: optimizer state, fp32 master weights and the
-    memory choices, for an exact --resume on any number of processes. Written to a temp dir and
-    renamed, Ctrl-C held off until then: a checkpoint is whole, and is the step it names."""
+    """checkpoint-NNNNNN/: a plain bf16 HF dir; the newest also holds trainer_state.pt for an exact
+    --resume. Written to a temp dir and renamed, Ctrl-C held off: a checkpoint is whole."""
     from torch.distributed.checkpoint import state_dict as sd
 
     o = sd.StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP2: a collective
     weights = sd.get_model_state_dict(run.policy, options=o)
     opt = sd.get_optimizer_state_dict(run.policy, run.opt, options=o)
-    state = dict(optimizer=opt, step=step, args=dataclasses.asdict(run.args), fit=run.fit)
+    state = dict(optimizer=opt, step=step, fit=run.fit)
     if any(v.dtype == torch.float32 for v in weights.values()):
         state["master"] = weights  # fp32 master weights: the files are bf16
     final, tmp = (os.path.join(run.out_dir, f"{p}checkpoint-{step:06d}") for p in ("", ".tmp-"))
@@ -1583,7 +1536,6 @@ PAPER_CURVES = {
 
 
 def plot_curves(run):
-    """curves.png: reward and test score, length and truncation, where the time goes."""
     from matplotlib.figure import Figure  # no pyplot: no backend switched under a notebook
 
     a, model = run.args, os.path.basename(run.args.model.rstrip("/"))
@@ -1606,11 +1558,8 @@ def plot_curves(run):
     twin = ax[1].twinx()
     twin.plot(m["step"], m["truncated_frac"], "r:")
     twin.set(ylim=(0, 1.05), ylabel="fraction truncated")
-    for x, k, what in (
-        (m, "estep_s", "E-step"),
-        (m, "mstep_s", "M-step"),
-        (e, "seconds", "evaluation"),
-    ):
+    spans = ((m, "estep_s", "E-step"), (m, "mstep_s", "M-step"), (e, "seconds", "evaluation"))
+    for x, k, what in spans:
         ax[2].plot(x["step"], torch.tensor(x[k], dtype=torch.float64).cumsum(0) / per, label=what)
     titles = ("Is it learning?", "Response length", "Where the time goes")
     for x, title, y in zip(ax, titles, ("reward, score", "tokens", f"{unit}, cumulative")):
@@ -1623,9 +1572,7 @@ def plot_curves(run):
 
 # ---- Benchmark (`--benchmark`: random prompts; a config-only --model will do)
 def benchmark(args):
-    """Our E-step against generate() on the same prompts (its dynamic cache, and its static cache,
-    which transformers compiles on CUDA), an M-step, a greedy eval batch, the run projected. Rows
-    decode to the cap (no EOS): the same work for all, an upper bound. One JSON line."""
+    """Rows decode to the cap (no EOS): the same work for ours and generate(), an upper bound."""
     dev, dtype = device_and_dtype(args)
     policy = load_policy(args, dev, None)
     theta_star = frozen_copy(policy, dtype) if dtype != policy.dtype else policy
@@ -1640,13 +1587,14 @@ def benchmark(args):
     comps = timed(sampler, res, "ours_s", "estep_peak_mem_gib")  # what a later step costs
     decoder.free_cache()
     for cache in ("dynamic", "static"):  # a first call compiles the static one on CUDA
-        generate = functools.partial(generate_like_sample, theta_star, prompts, n, T, cache)
+        generate = functools.partial(
+            generate_like_sample, theta_star, prompts, n, T, cache, args.temperature
+        )
         timed(generate, res, f"generate_{cache}_first_s")
         timed(generate, res, f"generate_{cache}_s")
-    for k in ("ours", "generate_dynamic", "generate_static"):
-        res[f"{k}_tok_s"] = tokens / res[f"{k}_s"]
-    res["speedup_vs_dynamic"] = res["generate_dynamic_s"] / res["ours_s"]
-    res["speedup_vs_static"] = res["generate_static_s"] / res["ours_s"]
+        res[f"generate_{cache}_tok_s"] = tokens / res[f"generate_{cache}_s"]
+        res[f"speedup_vs_{cache}"] = res[f"generate_{cache}_s"] / res["ours_s"]
+    res["ours_tok_s"] = tokens / res["ours_s"]
     opt, reps = make_optimizer(policy, args, dev), [p for p in prompts for _ in range(n)]
     autocast = torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)
     m_step_once = functools.partial(m_step, policy, opt, reps, comps, torch.randn(len(comps)), args)
@@ -1670,9 +1618,8 @@ def benchmark(args):
 
 
 def mfu(policy, tokens, completion_tokens, seconds, peak=989e12):
-    """Model flops utilization against an H100's dense bf16 peak: 8 flops a token and weight (2
-    forward, 2 recompute, 4 backward), the vocab projection on completion tokens only; the
-    embedding is a lookup, attention's flops left out."""
+    """Against an H100's bf16 peak: 8 flops a token and weight (2 forward, 2 recompute, 4 backward),
+    the vocab projection on completion tokens only, the embedding a lookup, no attention."""
     emb, head = policy.get_input_embeddings().weight, policy.get_output_embeddings().weight
     body = sum(p.numel() for p in policy.parameters()) - head.numel()
     body -= 0 if emb is head else emb.numel()
@@ -1712,16 +1659,13 @@ def generate_like_sample(model, prompts, n, max_new_tokens, cache="dynamic", tem
 
 
 def project(args, theta_star, prompts, res):
-    """The run's hours: --steps E- and M-steps of this shape, and its evaluations (the test set at
-    1265 problems for GSM8K, 496 for MATH-500) in greedy batches of their own row count."""
+    """The run's hours: --steps steps of this shape, and its evaluations (1265 GSM8K test problems,
+    496 of MATH-500) in greedy batches."""
     problems = args.eval_limit or {"math-hard": 496}.get(args.dataset, 1265)
     batch = [prompts[i % len(prompts)] for i in range(min(args.eval_rows or 512, problems))]
-    decoder = make_decoder(theta_star, args.sampler, "bf16")  # evaluate()'s: eager
-    timed(
-        functools.partial(sample, decoder, batch, 1, args.max_new_tokens, set(), 0, 0),
-        res,
-        "eval_batch_s",
-    )
+    decoder = make_decoder(theta_star, args.sampler.replace("compiled", "static"), "bf16")
+    greedy = functools.partial(sample, decoder, batch, 1, args.max_new_tokens, set(), 0, 0)
+    timed(greedy, res, "eval_batch_s")
     steps, every = args.steps or 225, args.eval_every
     evals = steps // every + 1 + (steps % every > 0) if every else 0
     train_h = steps * (res["ours_s"] + res["mstep_s"]) / 3600

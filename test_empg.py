@@ -1676,3 +1676,16 @@ def test_the_readme_tables_match_args_and_a_real_metrics_row(model_dir, toy_json
     )
     row = read_jsonl(os.path.join(out, "metrics.jsonl"))[0]
     assert {k for k in named if "*" not in k} <= set(row)
+
+
+def test_gradient_checkpointing_leaves_the_step_unchanged(model_dir, toy_jsonl, tmp_path):
+    """On CUDA it is on by default (auto); here it is asked for: the same step as without it."""
+    out = {gc: str(tmp_path / gc) for gc in ("on", "off")}
+    for gc, d in out.items():
+        argv = train_argv(
+            model_dir, d, toy_jsonl, "--steps", "1", "--seed", "1", "--gradient-checkpointing", gc
+        )
+        empg.train(empg.parse_args(argv))
+    a, b = master_weights(out["on"], 1), master_weights(out["off"], 1)
+    assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+    assert not all(torch.equal(a[k], v) for k, v in AutoModel(model_dir).state_dict().items())
