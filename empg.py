@@ -109,7 +109,7 @@ def final_answer(answer):
 
 
 def gsm8k_reward(completion, answer):
-    """1.0 iff the strict rule reads the reference number (a string compare, as the author's)."""
+    """1.0 iff the strict rule reads the reference number (as strings, as the author's)."""
     return float(hash_answer(completion) == final_answer(answer).replace(",", ""))
 
 
@@ -125,13 +125,14 @@ REWARDS = {"gsm8k": gsm8k_reward, "math": math_reward}
 
 # ---- E-step: N completions per prompt from the frozen θ*
 def next_token(logits, temperature, generator=None):
-    """Greedy at T = 0, else an exact sample of softmax(logits / T), the exponential race argmax(p/E)
-    = argmax(logits − T·log E), E = −log U ~ Exp(1) (uniform_: 5× cheaper than exponential_)."""
+    """Greedy at T = 0, else a sample of softmax(logits / T) by inversion: the first token whose
+    cumulative probability (fp64: each mass exact) passes U ~ Uniform(0, 1)."""
     if temperature == 0:
         return logits.argmax(-1)
-    log_e = torch.empty_like(logits, dtype=torch.float32).uniform_(generator=generator).log_()
-    log_e = log_e.neg_().log_()
-    return (logits - (log_e if temperature == 1 else temperature * log_e)).argmax(-1)
+    cdf = torch.softmax(logits.float() / temperature, -1).double().cumsum_(-1)
+    u = torch.rand(len(cdf), 1, dtype=cdf.dtype, device=cdf.device, generator=generator)
+    tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return tok.squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -176,8 +177,7 @@ def sigmoid_normalize(rewards, norm="token", group_size=None, lengths=None):
 def advantages(
     rewards, group_size, algo="empg", reward_norm="token", baseline="half", lengths=None
 ):
-    """EMPG: A = 2(R̃ − b), b = ½ (the author's 2·sigmoid(z) − 1) or mean R̃. GRPO: A = (R − mean_group)
-    / (std_group + 1e-6)."""
+    """EMPG: A = 2(R̃ − b), b = ½ (the author's 2·sigmoid(z) − 1) or mean R̃. GRPO: A = z per group."""
     if algo == "grpo":
         r = rewards.float().reshape(-1, group_size)
         z = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)
@@ -216,7 +216,7 @@ def completion_logprobs(model, input_ids, attention_mask, completion_mask, tempe
 
 
 def seq_mean(x, mask):
-    """Each sequence's completion-token mean."""
+    """Mean over each sequence's completion."""
     return (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
@@ -259,7 +259,7 @@ def micro_batch_loss(logp, old_logp, ref_logp, entropy, mask, adv, args):
 
 
 def optimizer_step(policy, opt, grad_clip, loss_finite=True):
-    """Clip the grad norm and step; a non-finite loss or gradient skips the step."""
+    """Clip the grad norm and step; a non-finite loss or gradient skips it."""
     norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
     skipped = not (loss_finite and math.isfinite(norm))
@@ -278,7 +278,7 @@ def m_step(policy, opt, prompts, comps, adv, args, ref=None, autocast=None, pad_
     old = {}  # θ*'s log-probs for GRPO's ratio: free, the first pass runs at θ = θ*
     policy.train()
     for _ in range(args.updates_per_batch):
-        tot = dict(loss=0, kl=0, entropy=0, clip_frac=0)  # on the device: one sync a step
+        tot = dict(loss=0, kl=0, entropy=0, clip_frac=0)  # on the device: a sync a step
         for j, mb in enumerate(mbs):
             ids, attn, cmask = collate(
                 [prompts[i] for i in mb], [comps[i] for i in mb], pad_id, dev
@@ -302,7 +302,7 @@ def m_step(policy, opt, prompts, comps, adv, args, ref=None, autocast=None, pad_
 
 # ---- The run's objects, and the loop: Algorithm 1
 def make_run(args):
-    """The run's objects, in the order a mistake should surface (the loaders: Part II)."""
+    """The run's objects, in the order a mistake should surface (loaders: Part II)."""
     rank, world = init_distributed(args)  # torchrun: G processes, each samples 1/G of the prompts
     dev, dtype = device_and_dtype(args)  # bf16 compute on CUDA
     out_dir, lock, state = open_run_dir(args, rank)  # state: the checkpoint's, on --resume
@@ -591,16 +591,49 @@ class StaticDecoder:
 def chunk_logprobs(h, y, weight, temperature, with_entropy):
     logits = F.linear(h, weight).float()
     logits = logits if temperature == 1 else logits / temperature  # the sampling temperature
-    logp = -F.cross_entropy(logits, y, reduction="none")  # fused, forward and backward
-    if not with_entropy:
-        return logp[:, None]
     all_logp = logits.log_softmax(-1)
+    logp = all_logp.gather(-1, y[:, None]).squeeze(-1)
     return torch.stack([logp, -(all_logp.exp() * all_logp).sum(-1)], -1)
 
 
+class TokenLogprob(torch.autograd.Function):
+    """log softmax(h Wᵀ / T)[y] for a chunk of tokens, its backward by hand: (onehot − softmax)/T,
+    from logits recomputed there. Only h, y and the logsumexp are kept: no (n × vocab) tensor
+    outlives a call, and three passes over the vocab instead of log_softmax's eight (profiled)."""
+
+    @staticmethod
+    def forward(ctx, h, y, weight, temperature):
+        device = h.device.type  # the backward recomputes under the forward's autocast
+        ctx.amp = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        logits = F.linear(h, weight).float()
+        logits = logits if temperature == 1 else logits / temperature  # T = 1: no pass at all
+        lse = logits.logsumexp(-1)
+        ctx.save_for_backward(h, y, weight, lse)
+        ctx.temperature = temperature
+        return logits.gather(-1, y[:, None]).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, y, weight, lse = ctx.saved_tensors
+        with torch.autocast(h.device.type, dtype=ctx.amp[1], enabled=ctx.amp[0]):
+            logits = F.linear(h, weight).float()
+            g = logits.div_(ctx.temperature) if ctx.temperature != 1 else logits
+            g = (
+                g.sub_(lse[:, None]).exp_().mul_(-grad[:, None] / ctx.temperature)
+            )  # −grad·softmax/T
+            g = g.scatter_add_(-1, y[:, None], grad[:, None] / ctx.temperature)  # + grad·onehot/T
+            return (g @ weight).to(h.dtype), None, (g.T @ h).to(weight.dtype), None
+
+
 def vocab_logprobs(h, y, weight, temperature, chunk, with_entropy):
-    """log p(y) [and entropy], (N, 1 or 2), `chunk` tokens at a time, recomputed in backward: never
-    the (N × vocab) fp32 logits at once."""
+    """log p(y) [and entropy], (N, 1 or 2), `chunk` tokens at a time and recomputed in backward:
+    never the (N × vocab) fp32 logits at once."""
+    if not with_entropy:
+        parts = [
+            TokenLogprob.apply(hs, ys, weight, temperature)[:, None]
+            for hs, ys in zip(h.split(chunk), y.split(chunk))
+        ]
+        return torch.cat(parts)
     parts = [
         checkpoint(chunk_logprobs, hs, ys, weight, temperature, with_entropy, use_reentrant=False)
         for hs, ys in zip(h.split(chunk), y.split(chunk))  # h empty: one empty part

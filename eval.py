@@ -1,13 +1,10 @@
-"""Evaluate base models and EMPG checkpoints side by side: the paper's test score (greedy, one
-sample) with its standard error, pass@k, maj@k, response length, truncation and lexical markers of
-reasoning behaviour.
+"""Models and EMPG checkpoints side by side: the paper's test score (greedy) ± its standard error,
+pass@k, maj@k, length, truncation, lexical markers of reasoning. Data, prompts, graders and sampler
+are empg.py's: the trainer's in-run test score, computed the same way.
 
     python eval.py --model Qwen/Qwen2.5-1.5B --model runs/Qwen2.5-1.5B-gsm8k-empg/checkpoint-000225
     python eval.py --model CKPT --dataset math500 --num-samples 8 --temperature 1.0  # pass@8, maj@8
-    python eval.py --grade completions.jsonl --task math           # grade text you already have
-
-Data, prompts, the prompt filter, graders and the sampler are empg.py's own, imported, never copied:
-the numbers here are the trainer's in-run test score, computed the same way."""
+    python eval.py --grade completions.jsonl --task math           # grade text you already have"""
 
 import json, math, os, re, time
 from dataclasses import dataclass
@@ -196,7 +193,7 @@ def labels(names):
 
 
 def table(summaries, names):
-    """Metrics down, models across: every column header whole."""
+    """Metrics down, models across."""
     skip = ("model", "dataset", "problems", "samples_per_problem", "length_unit", "temperature",
             "max_new_tokens", "max_prompt_chars")  # fmt: skip
     keys = [k for k in next(iter(summaries.values())) if k not in skip and not k.endswith("_se")]
