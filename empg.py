@@ -1259,10 +1259,11 @@ def probe_memory(run, fit):
         fit["eval_batch"] = max(1, min(fit["eval_batch"], rows))
     total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else 0
     gib = [f"{x / 2**30:.1f}" for x in (total, size(run.policy), kv, run.peak)]
+    sizes = f"weights {gib[1]}, AdamW 2×, KV cache {gib[2]}, M-step peak {gib[3]} of {gib[0]} GiB"
     say(
-        f"memory, GiB of {gib[0]}: weights {gib[1]}, AdamW 2×, KV cache {gib[2]}, M-step peak "
-        f"{gib[3]}; chose: E-step {fit['estep_prompts']} prompts at a time, {flag(key)} {fit[key]}, "
-        f"KV cache {'kept' if fit['keep_cache'] else 'freed'} in the M-step, eval {fit['eval_batch']} rows"
+        f"memory: {sizes if total else 'not measured on a CPU'}; chose: E-step "
+        f"{fit['estep_prompts']} prompts at a time, {flag(key)} {fit[key]}, KV cache "
+        f"{'kept' if fit['keep_cache'] else 'freed'} in the M-step, eval {fit['eval_batch']} rows"
     )
 
 

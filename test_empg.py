@@ -1498,7 +1498,7 @@ def test_the_memory_probe_halves_the_micro_batch_and_the_step_is_unchanged(
     inject_oom(monkeypatch, tokens=14)
     probed = str(tmp_path / "probed")
     empg.train(empg.parse_args(argv(probed, "--memory-probe", "on")))
-    line = [l for l in capsys.readouterr().err.splitlines() if "memory, GiB" in l]
+    line = [l for l in capsys.readouterr().err.splitlines() if "empg: memory: " in l]
     assert len(line) == 1 and "--micro-batch-size 2" in line[0] and "KV cache freed" in line[0]
     a, b = master_weights(small, 2), master_weights(probed, 2)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -1524,7 +1524,7 @@ def test_the_e_step_in_chunks_gives_every_sample_and_resumes_exactly(
     assert [sum(s["step"] == t for s in samples) for t in (1, 2, 3, 4)] == [6] * 4  # 2 prompts × 3
     empg.train(empg.parse_args(argv(part, "2")))
     empg.train(empg.parse_args(argv(part, "4", "--resume")))  # the run's choice, not a new probe
-    assert "memory, GiB" not in capsys.readouterr().err.split("empg: done")[-2]
+    assert "empg: memory: " not in capsys.readouterr().err.split("empg: done")[-2]
     a, b = master_weights(full, 4), master_weights(part, 4)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert read_jsonl(os.path.join(full, "metrics.jsonl"))[-1]["loss"] == pytest.approx(
