@@ -1110,61 +1110,6 @@ def answers_equal(pred, ref, verify=True):
         return False
 
 
-def probe_m_step(run, rows, P):
-    """An M-step forward + backward on full-length sequences, AdamW's moments held meanwhile (made
-    at the first step); run.peak: its peak above the start."""
-    a, pad, cuda = run.args, run.pad_id, run.dev.type == "cuda"
-    start = torch.cuda.memory_allocated() if cuda else 0
-    params = [] if run.opt.state else list(run.policy.parameters())
-    moments = [torch.empty_like(p) for p in params + params]
-    torch.cuda.reset_peak_memory_stats() if cuda else None
-    ids, attn, cmask = collate([[pad] * P] * rows, [[pad] * a.max_new_tokens] * rows, pad, run.dev)
-    try:
-        run.policy.train()
-        with run.autocast:
-            logp, ent = completion_logprobs(
-                run.policy, ids, attn, cmask, 1, a.logprob_chunk, a.entropy_coef > 0
-            )
-        (logp.sum() + (0 if ent is None else ent.sum())).backward()
-    finally:
-        run.policy.zero_grad(set_to_none=True)
-        del moments
-    run.peak = torch.cuda.max_memory_allocated() - start if cuda else 0
-
-
-def fits(fn, *args):
-    try:
-        fn(*args)
-        return True
-    except torch.OutOfMemoryError:
-        return False
-
-
-def size(model):
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def resume_state(args, out):
-    """The newest checkpoint's trainer_state.pt, if the run's flags are these (but those that may
-    change): tensors, numbers and strings only (weights_only: a planted object cannot run code),
-    memory-mapped (no copy per process)."""
-    ckpt = latest_checkpoint(out) or die(f"--resume: no checkpoint with trainer_state.pt in {out}")
-    try:
-        saved = json.load(open(os.path.join(out, "args.json")))
-    except (OSError, ValueError):
-        die(f"--resume: {out}/args.json is missing or unreadable")
-    for f in dataclasses.fields(Args):
-        was, now = saved.get(f.name, getattr(args, f.name)), getattr(args, f.name)
-        if was != now and not f.metadata["resume"]:
-            die(f"--resume: {flag(f.name)} is {now!r}, the run in {out} used {was!r}")
-    path = os.path.join(ckpt, "trainer_state.pt")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError) as e:
-        die(f"--resume: refused {path}: {str(e).splitlines()[0][:160]}")
-    return dict(state, dir=ckpt)
-
-
 # ---- The test score during the run; memory: the worst step met first
 def load_eval_rows(run):
     """run.eval_rows: --eval-dataset, else the training set's test split; none for a .jsonl."""
@@ -1267,6 +1212,40 @@ def probe_memory(run, fit):
     )
 
 
+def probe_m_step(run, rows, P):
+    """An M-step forward + backward on full-length sequences, AdamW's moments held meanwhile (made
+    at the first step); run.peak: its peak above the start."""
+    a, pad, cuda = run.args, run.pad_id, run.dev.type == "cuda"
+    start = torch.cuda.memory_allocated() if cuda else 0
+    params = [] if run.opt.state else list(run.policy.parameters())
+    moments = [torch.empty_like(p) for p in params + params]
+    torch.cuda.reset_peak_memory_stats() if cuda else None
+    ids, attn, cmask = collate([[pad] * P] * rows, [[pad] * a.max_new_tokens] * rows, pad, run.dev)
+    try:
+        run.policy.train()
+        with run.autocast:
+            logp, ent = completion_logprobs(
+                run.policy, ids, attn, cmask, 1, a.logprob_chunk, a.entropy_coef > 0
+            )
+        (logp.sum() + (0 if ent is None else ent.sum())).backward()
+    finally:
+        run.policy.zero_grad(set_to_none=True)
+        del moments
+    run.peak = torch.cuda.max_memory_allocated() - start if cuda else 0
+
+
+def fits(fn, *args):
+    try:
+        fn(*args)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+
+
+def size(model):
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 # ---- The run's dir, progress, logs and checkpoints: nothing lost, nothing half-written
 def open_run_dir(args, rank):
     """One run a dir, checked before any model loads: a new run needs an empty dir (or --overwrite);
@@ -1293,6 +1272,27 @@ def open_run_dir(args, rank):
         if held and not (args.resume or args.overwrite):
             die(f"{out} already holds a run: --resume continues it, --overwrite replaces it")
     return out, lock, resume_state(args, out) if args.resume else None
+
+
+def resume_state(args, out):
+    """The newest checkpoint's trainer_state.pt, if the run's flags are these (but those that may
+    change): tensors, numbers and strings only (weights_only: a planted object cannot run code),
+    memory-mapped (no copy per process)."""
+    ckpt = latest_checkpoint(out) or die(f"--resume: no checkpoint with trainer_state.pt in {out}")
+    try:
+        saved = json.load(open(os.path.join(out, "args.json")))
+    except (OSError, ValueError):
+        die(f"--resume: {out}/args.json is missing or unreadable")
+    for f in dataclasses.fields(Args):
+        was, now = saved.get(f.name, getattr(args, f.name)), getattr(args, f.name)
+        if was != now and not f.metadata["resume"]:
+            die(f"--resume: {flag(f.name)} is {now!r}, the run in {out} used {was!r}")
+    path = os.path.join(ckpt, "trainer_state.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError) as e:
+        die(f"--resume: refused {path}: {str(e).splitlines()[0][:160]}")
+    return dict(state, dir=ckpt)
 
 
 def open_logs(run, state):
