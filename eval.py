@@ -40,17 +40,13 @@ GRADE_BUDGET_S, MAJ_BUDGET_S = 60, 30
 class EvalArgs:
     model: list = arg((), "hub name or checkpoint dir; repeat to compare")
     tokenizer: str = arg("", "tokenizer (default: the model's own)")
-    dataset: str = arg(
-        "gsm8k", "gsm8k, math500 (= math-hard's test set), math-hard-l5, or a .jsonl"
-    )
+    dataset: str = arg("gsm8k", "gsm8k, math500 (= math-hard's test set), math-hard-l5, a .jsonl")
     data_dir: str = arg("", "a local copy laid out like ../shared/data")
-    prompt_template: str = arg(
-        "", "a prompt with a {question} placeholder (default: the dataset's)"
-    )
+    prompt_template: str = arg("", "with a {question} placeholder (default: the dataset's)")
     max_prompt_chars: int = arg(-1, "drop longer prompts (-1: empg's preset)", bounds="[-1, inf)")
     stop_at_im_end: bool = arg(False, "end completions at <|im_end|> too (empg's flag)")
     limit: int = arg(0, "the first N problems only (0: all)")
-    num_samples: int = arg(1, "k samples per problem (pass@k, maj@k when k > 1)", bounds="[1, inf)")
+    num_samples: int = arg(1, "k samples a problem (pass@k, maj@k)", bounds="[1, inf)")
     temperature: float = arg(0.0, "0 = greedy (the paper's test score)", bounds="[0, 10]")
     max_new_tokens: int = arg(1024, "completion length cap", bounds="[1, inf)")
     batch_size: int = arg(32, "problems per sampler call", bounds="[1, inf)")
@@ -59,7 +55,7 @@ class EvalArgs:
     device: str = arg("auto", "auto, cuda, cuda:N or cpu")
     dtype: str = arg("auto", "auto: bf16 on CUDA", "auto bf16 fp32")
     output_dir: str = arg("", "default: eval_runs/<dataset>")
-    grade: str = arg("", "grade a JSONL of {completion(s), answer} instead of sampling")
+    grade: str = arg("", "grade a JSONL of {completion(s), answer}, no sampling")
     task: str = arg("math", "grader for --grade", "gsm8k math")
 
 
@@ -211,11 +207,11 @@ def table(summaries, names):
 
 
 def writable_dir(path):
-    """Made and tested before any work: a bad path fails now, not after hours."""
+    """Tested before any work: a bad path fails now, not after hours."""
     try:
         os.makedirs(path, exist_ok=True)
-        open(os.path.join(path, ".write-test"), "w").close()
-        os.remove(os.path.join(path, ".write-test"))
+        open(f"{path}/.write-test", "w").close()
+        os.remove(f"{path}/.write-test")
     except OSError as e:
         die(f"cannot write to --output-dir {path}: {e.strerror}")
     return path
@@ -228,7 +224,7 @@ def main(argv=None):
     if not (args.grade or args.model) or len(set(args.model)) < len(args.model):
         die("give --model (one or more, each once) or --grade FILE.jsonl")
     name = os.path.basename(args.grade or args.dataset).replace(".jsonl", "")
-    out_dir = writable_dir(args.output_dir or os.path.join("eval_runs", name))
+    out_dir = writable_dir(args.output_dir or f"eval_runs/{name}")
     results, settings = {}, {}
     if args.grade:
         rows = load_graded_rows(args.grade)
@@ -256,12 +252,10 @@ def main(argv=None):
     for m, r in results.items():
         d = os.path.join(out_dir, names[m]) if len(results) > 1 else out_dir
         os.makedirs(d, exist_ok=True)
-        empg.write_atomic(
-            os.path.join(d, "results.jsonl"), "".join(json.dumps(x) + "\n" for x in r)
-        )
-        empg.write_atomic(os.path.join(d, "summary.json"), json.dumps(summaries[m], indent=1))
+        empg.write_atomic(f"{d}/results.jsonl", "".join(json.dumps(x) + "\n" for x in r))
+        empg.write_atomic(f"{d}/summary.json", json.dumps(summaries[m], indent=1))
     one = next(iter(summaries.values())) if len(summaries) == 1 else summaries
-    empg.write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(one, indent=1))
+    empg.write_atomic(f"{out_dir}/summary.json", json.dumps(one, indent=1))
     print(table(summaries, names))
     print(json.dumps(summaries))
     return summaries
