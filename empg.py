@@ -145,14 +145,14 @@ def sample(decoder, prompts, n, max_new_tokens, eos_ids, pad_id, temperature=1.0
     out = torch.full((len(logits), max_new_tokens), pad_id, dtype=torch.long, device=dev)
     done = torch.zeros(len(logits), dtype=torch.bool, device=dev)
     for t in range(max_new_tokens):
-        tok = next_token(logits, temperature, generator).masked_fill(done, pad_id)
-        out[:, t] = tok
-        done |= torch.isin(tok, eos)
+        new = next_token(logits, temperature, generator).masked_fill(done, pad_id)
+        out[:, t] = new
+        done |= torch.isin(new, eos)
         if t == max_new_tokens - 1 or (t % 8 == 7 and done.all()):  # a sync: every 8th token
             break
-        logits = decoder.decode(tok)
+        logits = decoder.decode(new)
     rows = out[:, : t + 1].tolist()
-    return [r[: next((k + 1 for k, x in enumerate(r) if x in eos_ids), len(r))] for r in rows]
+    return [r[: next((j + 1 for j, x in enumerate(r) if x in eos_ids), len(r))] for r in rows]
 
 
 # ---- Reward → R̃ → advantages
