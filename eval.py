@@ -1,6 +1,5 @@
-"""Models and EMPG checkpoints side by side: the paper's test score (greedy) ± its standard error,
-pass@k, maj@k, length, truncation, lexical markers of reasoning. Data, prompts, graders and sampler
-are empg.py's: the trainer's in-run test score, computed the same way.
+"""Models and checkpoints side by side: the paper's test score (greedy) ± its standard error, pass@k,
+maj@k, length, truncation, lexical markers of reasoning, with empg.py's data, graders and sampler.
 
     python eval.py --model Qwen/Qwen2.5-1.5B --model runs/Qwen2.5-1.5B-gsm8k-empg/checkpoint-000225
     python eval.py --model CKPT --dataset math500 --num-samples 8 --temperature 1.0  # pass@8, maj@8
@@ -72,8 +71,8 @@ def pass_at_k(n, c, k):
 
 
 def majority_vote(answers, same=empg.answers_equal, budget_s=None):
-    """The most frequent answer up to `same` (None abstains; ties: the first seen); after budget_s
-    seconds only equal strings count as one."""
+    """The most frequent answer up to `same` (None abstains; ties: the first); past budget_s seconds,
+    equal strings only."""
     groups, t0, budget_s = [], time.time(), MAJ_BUDGET_S if budget_s is None else budget_s
     for a in (a for a in answers if a is not None):
         for g in groups:
@@ -86,8 +85,7 @@ def majority_vote(answers, same=empg.answers_equal, budget_s=None):
 
 
 def score_problem(question, answer, completions, task, lengths=None, truncated=None, k=None):
-    """Grades, pass@k and maj@k for one problem, in bounded time. maj@k votes by accuracy's rule:
-    GSM8K's strict '#### n' answers as strings, MATH's by math-verify."""
+    """Grades, pass@k and maj@k of a problem, in bounded time; maj@k votes by accuracy's rule."""
     k, ref, t0, grades = k or len(completions), empg.final_answer(answer), time.time(), []
     for c in completions:  # past the problem's budget, equal strings only: no math-verify pile-up
         grades.append(grade(c, answer, task, verify=time.time() - t0 < GRADE_BUDGET_S))
@@ -134,8 +132,7 @@ def summarize(results, k, length_unit, settings):
 
 
 def sample_and_score(model_name, label, rows, task, template, args):
-    """k completions a problem from empg's sampler, scored. Batches are padded to --batch-size:
-    one KV cache (and graph set)."""
+    """k completions a problem, scored; batches padded to --batch-size (one KV cache)."""
     from tqdm import tqdm
 
     dev, dtype = empg.device_and_dtype(args)
@@ -144,7 +141,7 @@ def sample_and_score(model_name, label, rows, task, template, args):
     eos = empg.stop_ids(tok, model, args.stop_at_im_end)
     rows = empg.prepare(rows, tok, template, 0, model, args.max_new_tokens, "test")
     decoder = empg.make_decoder(model, args.sampler)
-    out, bar = [], tqdm(total=len(rows), desc=label, dynamic_ncols=True)
+    out, bar = [], tqdm(total=len(rows), desc=label)
     g, B, n = torch.Generator(dev).manual_seed(args.seed), args.batch_size, args.num_samples
     for i in range(0, len(rows), B):
         batch = rows[i : i + B]
@@ -168,9 +165,8 @@ def load_graded_rows(path):
     for n, r in empg.read_jsonl(path):
         c = r.get("completion", r.get("completions"))
         c = [c] if isinstance(c, str) else c
-        if "answer" not in r or not (
-            isinstance(c, list) and c and all(isinstance(x, str) for x in c)
-        ):
+        ok = isinstance(c, list) and c and all(isinstance(x, str) for x in c)
+        if "answer" not in r or not ok:
             die(f"{path}:{n} needs 'completion' (a string or a list of strings) and 'answer'")
         rows.append((r.get("question", ""), str(r["answer"]), c))
     if len({len(c) for _, _, c in rows}) > 1:
