@@ -366,7 +366,7 @@ def train(args):
             log_step(run, step + 1, metrics, stats, times, batch, texts, comps, local)
             if (step + 1) % a.save_every == 0 or step + 1 == a.steps or run.stop:
                 save_checkpoint(run, step + 1)
-    return finish(run)
+        return finish(run)
 
 
 # ==================================================================================================
@@ -1416,7 +1416,7 @@ def guarded(run):
     except torch.OutOfMemoryError:
         run.bar.close()
         die(
-            f"out of memory in step {run.bar.n + 1}: lower --micro-batch-tokens (or -size), "
+            f"out of memory after step {run.bar.n}: lower --micro-batch-tokens (or -size), "
             f"--max-new-tokens or --eval-rows; checkpoint {run.saved} is whole: --resume continues"
         )
     finally:
@@ -1700,7 +1700,7 @@ def project(args, theta_star, prompts, res):
     decoder = make_decoder(theta_star, args.sampler.replace("compiled", "static"), "bf16")
     greedy = functools.partial(sample, decoder, batch, 1, args.max_new_tokens, set(), 0, 0)
     timed(greedy, res, "eval_batch_s")
-    steps, every = args.steps or 225, args.eval_every
+    steps, every = args.steps or {"math-hard": 272}.get(args.dataset, 225), args.eval_every
     evals = steps // every + 1 + (steps % every > 0) if every else 0
     train_h = steps * (res["ours_s"] + res["mstep_s"]) / 3600
     eval_h = evals * -(-problems // len(batch)) * res["eval_batch_s"] / 3600

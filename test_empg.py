@@ -1548,7 +1548,7 @@ def test_out_of_memory_mid_run_is_one_line_and_resume_continues(
     with pytest.raises(SystemExit) as e:
         empg.train(empg.parse_args(argv()))
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert e.value.code == 2 and last.startswith("empg: error: out of memory in step 3: lower")
+    assert e.value.code == 2 and last.startswith("empg: error: out of memory after step 2: lower")
     assert "checkpoint 2 is whole: --resume continues" in last
     assert sorted(d for d in os.listdir(out) if "checkpoint" in d) == ["checkpoint-000002"]
     AutoModel(os.path.join(out, "checkpoint-000002"))  # loadable
@@ -1716,3 +1716,26 @@ def test_gradient_checkpointing_leaves_the_step_unchanged(model_dir, toy_jsonl, 
     a, b = master_weights(out["on"], 1), master_weights(out["off"], 1)
     assert all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
     assert not all(torch.equal(a[k], v) for k, v in AutoModel(model_dir).state_dict().items())
+
+
+def test_out_of_memory_in_the_final_evaluation_is_one_line_too(
+    model_dir, toy_jsonl, tmp_path, monkeypatch, capsys
+):
+    real = empg.evaluate
+
+    def evaluate(run, step):
+        if step == run.args.steps:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(run, step)
+
+    monkeypatch.setattr(empg, "evaluate", evaluate)
+    argv = train_argv(
+        model_dir, str(tmp_path / "o"), toy_jsonl, "--steps", "2", "--eval-dataset", toy_jsonl
+    )
+    with pytest.raises(SystemExit) as e:
+        empg.train(empg.parse_args(argv))
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and last.startswith("empg: error: out of memory after step 2: lower")
+    AutoModel(
+        os.path.join(str(tmp_path / "o"), "checkpoint-000002")
+    )  # the last checkpoint is whole
