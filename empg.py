@@ -354,10 +354,8 @@ def train(args):
             t1 = time.time()
             if not run.keep_cache:  # no room for the KV cache during the M-step (fit_memory)
                 run.decoder.free_cache()
-            prompts, my_adv = (
-                [r["ids"] for r in batch for _ in range(N)],
-                adv[rank * k * N :][: k * N],
-            )
+            prompts = [r["ids"] for r in batch for _ in range(N)]
+            my_adv = adv[rank * k * N : (rank + 1) * k * N]  # this process's samples
             stats = m_step(
                 policy, run.opt, prompts, comps, my_adv, a, ref, run.autocast, run.pad_id
             )
@@ -588,7 +586,7 @@ class StaticDecoder:
 
 
 # ---- The M-step's machinery: chunked vocab projection, micro-batches
-def chunk_logprobs(h, y, weight, temperature, with_entropy):
+def logprob_and_entropy(h, y, weight, temperature):
     logits = F.linear(h, weight).float()
     logits = logits if temperature == 1 else logits / temperature  # the sampling temperature
     all_logp = logits.log_softmax(-1)
@@ -616,28 +614,24 @@ class TokenLogprob(torch.autograd.Function):
     def backward(ctx, grad):
         h, y, weight, lse = ctx.saved_tensors
         with torch.autocast(h.device.type, dtype=ctx.amp[1], enabled=ctx.amp[0]):
-            logits = F.linear(h, weight).float()
-            g = logits.div_(ctx.temperature) if ctx.temperature != 1 else logits
-            g = (
-                g.sub_(lse[:, None]).exp_().mul_(-grad[:, None] / ctx.temperature)
-            )  # −grad·softmax/T
-            g = g.scatter_add_(-1, y[:, None], grad[:, None] / ctx.temperature)  # + grad·onehot/T
+            g = F.linear(h, weight).float()
+            g = g if ctx.temperature == 1 else g.div_(ctx.temperature)
+            scale = grad[:, None] / ctx.temperature
+            g = g.sub_(lse[:, None]).exp_().mul_(-scale)  # −softmax · grad/T
+            g = g.scatter_add_(-1, y[:, None], scale)  # + onehot · grad/T
             return (g @ weight).to(h.dtype), None, (g.T @ h).to(weight.dtype), None
 
 
 def vocab_logprobs(h, y, weight, temperature, chunk, with_entropy):
     """log p(y) [and entropy], (N, 1 or 2), `chunk` tokens at a time and recomputed in backward:
     never the (N × vocab) fp32 logits at once."""
-    if not with_entropy:
-        parts = [
-            TokenLogprob.apply(hs, ys, weight, temperature)[:, None]
-            for hs, ys in zip(h.split(chunk), y.split(chunk))
-        ]
-        return torch.cat(parts)
-    parts = [
-        checkpoint(chunk_logprobs, hs, ys, weight, temperature, with_entropy, use_reentrant=False)
-        for hs, ys in zip(h.split(chunk), y.split(chunk))  # h empty: one empty part
-    ]
+    parts = []
+    for hs, ys in zip(h.split(chunk), y.split(chunk)):  # h empty: one empty part
+        if with_entropy:  # the entropy's gradient: autograd through log_softmax, recomputed
+            kw = dict(use_reentrant=False)
+            parts.append(checkpoint(logprob_and_entropy, hs, ys, weight, temperature, **kw))
+        else:
+            parts.append(TokenLogprob.apply(hs, ys, weight, temperature)[:, None])
     return torch.cat(parts)
 
 
@@ -794,8 +788,8 @@ def load_model(name, device, dtype=torch.float32, insist_cpu=False):
         n = sum(p.numel() for p in Auto.from_config(cfg).parameters())
     if device.type == "cpu" and n >= 1e9 and not insist_cpu:
         die(f"no CUDA GPU: a {n / 1e9:.1f}B model on a CPU takes days; pass --device cpu to insist")
-    files = os.listdir(name) if os.path.isdir(name) else [".safetensors"]
-    if not any(f.endswith((".safetensors", ".bin")) for f in files):
+    local = os.listdir(name) if os.path.isdir(name) else None
+    if local is not None and not any(f.endswith((".safetensors", ".bin")) for f in local):
         torch.manual_seed(0)
         return Auto.from_config(cfg, dtype=dtype).to(device)
     return load_pretrained(Auto.from_pretrained, "model", name, dtype=dtype).to(device)
@@ -817,12 +811,10 @@ def load_policy(args, dev, state):
     policy = load_model(state["dir"] if state else args.model, dev, master, args.device == "cpu")
     if state and "master" in state:  # the checkpoint's files are bf16
         policy.load_state_dict(state["master"])
-    if args.gradient_checkpointing == "on" or (
-        args.gradient_checkpointing == "auto" and dev.type == "cuda"
-    ):
-        enable = getattr(
-            policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable
-        )
+    gc = args.gradient_checkpointing
+    if gc == "on" or (gc == "auto" and dev.type == "cuda"):
+        new_name = getattr(policy, "activation_checkpointing_enable", None)  # newer transformers
+        enable = new_name or policy.gradient_checkpointing_enable
         enable({"use_reentrant": False})  # either's first parameter
     policy.config.use_cache = False
     return policy
@@ -1127,8 +1119,8 @@ def evaluate(run, step):
     if not run.eval_rows or any(e["step"] == step for e in run.evals):
         return
     a, t0, rows = run.args, time.time(), run.eval_rows[run.rank :: run.world]
-    decoder = make_decoder(run.theta_star, a.sampler.replace("compiled", "static"), "bf16")
-    grades, lens = [], []
+    eager = "hf" if isinstance(run.decoder, PlainDecoder) else "static"  # the E-step's kind
+    decoder, grades, lens = make_decoder(run.theta_star, eager), [], []
     for i, part in enumerate(chunks(rows, run.eval_batch)):
         run.phase(f"eval {i * run.eval_batch}/{len(rows)}")
         ids = [r["ids"] for r in part]
@@ -1637,10 +1629,10 @@ def benchmark(args):
     res["mstep_tok_s"] = m_tokens / res["mstep_s"]
     if dev.type == "cuda":
         res["mfu"] = mfu(policy, m_tokens, tokens * args.updates_per_batch, res["mstep_s"])
-    res.update(project(args, theta_star, prompts, res))
+    res.update(project(args, theta_star, prompts, res, decoder))
     res.update(
         device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-        sampler=type(decoder).__name__ + " (compiled)" * decoder.__dict__.get("compiled", 0),
+        sampler=type(decoder).__name__ + " (compiled)" * getattr(decoder, "compiled", False),
         model=args.model,
         master_dtype=args.master_dtype,
         prompts=len(prompts),
@@ -1692,12 +1684,13 @@ def generate_like_sample(model, prompts, n, max_new_tokens, cache="dynamic", tem
     )
 
 
-def project(args, theta_star, prompts, res):
+def project(args, theta_star, prompts, res, decoder):
     """The run's hours: --steps steps of this shape, and its evaluations (1265 GSM8K test problems,
     496 of MATH-500) in greedy batches."""
     problems = args.eval_limit or {"math-hard": 496}.get(args.dataset, 1265)
     batch = [prompts[i % len(prompts)] for i in range(min(args.eval_rows or 512, problems))]
-    decoder = make_decoder(theta_star, args.sampler.replace("compiled", "static"), "bf16")
+    eager = "hf" if isinstance(decoder, PlainDecoder) else "static"  # as evaluate() decodes
+    decoder = make_decoder(theta_star, eager)
     greedy = functools.partial(sample, decoder, batch, 1, args.max_new_tokens, set(), 0, 0)
     timed(greedy, res, "eval_batch_s")
     steps, every = args.steps or {"math-hard": 272}.get(args.dataset, 225), args.eval_every
