@@ -382,29 +382,25 @@ PROG = "empg"
 def parse_args(argv=None, spec=Args, prog="empg"):
     global PROG
     PROG, fields = prog, dataclasses.fields(spec)  # errors name the program the user ran
-    may_change = ", ".join(flag(f.name) for f in fields if f.metadata["resume"])
-    fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(
-        description=sys.modules[spec.__module__].__doc__, formatter_class=fmt
-    )
-    p.epilog = f"--resume keeps the run's flags but {may_change}" if spec is Args else None
+    doc, fmt = sys.modules[spec.__module__].__doc__, argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(description=doc, formatter_class=fmt)
+    resumable = ", ".join(flag(f.name) for f in fields if f.metadata["resume"])
+    p.epilog = f"--resume keeps the run's flags but {resumable}" if spec is Args else None
     p.error = die  # one line, not argparse's usage block
     for f in fields:
-        kw = dict(type=f.metadata["kind"], default=f.default, choices=f.metadata["choices"] or None)
+        m = f.metadata
+        kw = dict(type=m["kind"], default=f.default, choices=m["choices"] or None)
         kw = dict(action="store_true") if f.type is bool else kw
         kw = dict(action="append", default=[]) if f.type is list else kw
-        default = "the dataset's preset" if f.default is None else f.default
-        default = "none" if default == "" else default
-        help = f.metadata["help"]
-        help += "" if "default" in help else f" (default: {default})"
+        default = {None: "the dataset's preset", "": "none"}.get(f.default, f.default)
+        help = m["help"] + ("" if "default" in m["help"] else f" (default: {default})")
         p.add_argument(flag(f.name), help=help, **kw)
     a = spec(**vars(p.parse_args(argv)))
     for k, v in PRESETS.get(a.dataset, OURS).items() if spec is Args else ():
         setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
     for f in fields:
-        bounds = f.metadata["bounds"]
-        if f.metadata["kind"] in (int, float) and not in_bounds(getattr(a, f.name), bounds):
-            die(f"{flag(f.name)} must be in {bounds}")
+        if not in_bounds(getattr(a, f.name), f.metadata["bounds"]):
+            die(f"{flag(f.name)} must be in {f.metadata['bounds']}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", a.device):
         die("--device must be auto, cpu, cuda or cuda:N")
     if "{question}" not in (a.prompt_template or "{question}"):
@@ -421,10 +417,10 @@ def parse_args(argv=None, spec=Args, prog="empg"):
 
 
 def in_bounds(v, bounds):
-    """v in an interval such as "[1, inf)" (None: a preset's, later; NaN: never)."""
-    lo, hi = map(float, bounds[1:-1].split(","))
-    if v is None:
+    """v in an interval such as "[1, inf)"; not a number or None (a preset's, later): True; NaN: False."""
+    if type(v) not in (int, float):
         return True
+    lo, hi = map(float, bounds[1:-1].split(","))
     return (lo < v if bounds[0] == "(" else lo <= v) and (v < hi if bounds[-1] == ")" else v <= hi)
 
 
@@ -451,8 +447,8 @@ BLOCK = 256  # the KV cache is allocated and read BLOCK columns at a time: few s
 
 
 def make_decoder(model, sampler="auto", master_dtype="fp32"):
-    """--sampler resolved. auto: compiled on CUDA; static on CPU and with bf16 master weights (whose
-    cache is freed before each M-step; a CUDA graph wants it kept); hf for other architectures."""
+    """auto: compiled on CUDA; static on CPU and with bf16 master weights (whose cache is freed before
+    each M-step; a CUDA graph wants it kept); hf for other architectures."""
     c = model.config
     ours = c.model_type in ("qwen2", "llama") and not getattr(c, "use_sliding_window", False)
     if sampler == "auto":
@@ -470,6 +466,15 @@ def left_pad(seqs, pad_id, device):
     return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
 
 
+def prefill(model, ids, mask, n):
+    """The prompts through the model's forward once: the last logits, repeated n times, and the cache."""
+    from transformers import DynamicCache
+
+    cache, pos = DynamicCache(config=model.config), (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(ids, mask, pos, cache, logits_to_keep=1).logits[:, -1]
+    return logits.repeat_interleave(n, 0), cache, pos[:, -1:].repeat_interleave(n, 0)
+
+
 class PlainDecoder:
     """The reference: the model's own forward on a growing KV cache."""
 
@@ -477,14 +482,10 @@ class PlainDecoder:
         self.model, self.cache = model, None
 
     def prefill(self, ids, mask, n, max_new_tokens):
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache(config=self.model.config)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
-        logits = self.model(ids, mask, pos, self.cache, logits_to_keep=1).logits[:, -1]
+        logits, self.cache, self.pos = prefill(self.model, ids, mask, n)
         self.cache.batch_repeat_interleave(n)  # each prompt prefilled once, its K/V shared n ways
-        self.mask, self.pos = mask.repeat_interleave(n, 0), pos[:, -1:].repeat_interleave(n, 0)
-        return logits.repeat_interleave(n, 0)
+        self.mask = mask.repeat_interleave(n, 0)
+        return logits
 
     def decode(self, tok):
         self.pos = self.pos + 1
@@ -507,15 +508,15 @@ def decode_step(model, kv, valid, tok, pos, col, width):
     x = m.embed_tokens(tok[:, None])  # (R, 1, D)
     cos, sin = m.rotary_emb(x, pos)
     valid.index_fill_(1, col, True)
-    mask = valid[:, None, None, :width]
     for layer, (K, V) in zip(m.layers, kv):  # K, V: (R, KV heads, L, d)
         a, h = layer.self_attn, layer.input_layernorm(x)
         q = rope(a.q_proj(h).view(R, -1, a.head_dim), cos, sin)  # (R, H, d)
         K.index_copy_(2, col, rope(a.k_proj(h).view(R, -1, a.head_dim), cos, sin)[:, :, None])
         V.index_copy_(2, col, a.v_proj(h).view(R, -1, 1, a.head_dim))
         q = q.view(R, K.shape[1], -1, a.head_dim)  # (R, KV heads, H/KV, d)
-        kw = dict(attn_mask=mask, scale=a.scaling)
-        o = F.scaled_dot_product_attention(q, K[:, :, :width], V[:, :, :width], **kw)
+        o = F.scaled_dot_product_attention(
+            q, K[:, :, :width], V[:, :, :width], valid[:, None, None, :width], scale=a.scaling
+        )
         x = x + a.o_proj(o.reshape(R, 1, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return model.get_output_embeddings()(m.norm(x))[:, 0]
@@ -548,19 +549,15 @@ class StaticDecoder:
             cfg.fail_on_recompile_limit_hit = True  # past the bound: our warning, not silence
 
     def prefill(self, ids, mask, n, max_new_tokens):
-        from transformers import DynamicCache
-
-        cache, (B, P) = DynamicCache(config=self.model.config), ids.shape
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(ids, mask, pos, cache, logits_to_keep=1).logits[:, -1]
-        self.allocate(B * n, P + max_new_tokens, cache.layers[0].keys)
+        logits, cache, self.pos = prefill(self.model, ids, mask, n)
+        P = ids.shape[1]
+        self.allocate(len(logits), P + max_new_tokens, cache.layers[0].keys)
         for (K, V), layer in zip(self.kv, cache.layers):  # prefilled once, copied to n rows
             K[:, :, :P] = layer.keys.repeat_interleave(n, 0)
             V[:, :, :P] = layer.values.repeat_interleave(n, 0)
         self.valid.zero_()[:, :P] = mask.bool().repeat_interleave(n, 0)
-        self.pos = pos[:, -1:].repeat_interleave(n, 0)
         self.col, self.filled = torch.full((1,), P - 1, device=ids.device), P - 1
-        return logits.repeat_interleave(n, 0)
+        return logits
 
     def decode(self, tok):
         self.pos += 1
@@ -587,11 +584,8 @@ class StaticDecoder:
 
 # ---- The M-step's machinery: chunked vocab projection, micro-batches
 def logprob_and_entropy(h, y, weight, temperature):
-    logits = F.linear(h, weight).float()
-    logits = logits if temperature == 1 else logits / temperature  # the sampling temperature
-    all_logp = logits.log_softmax(-1)
-    logp = all_logp.gather(-1, y[:, None]).squeeze(-1)
-    return torch.stack([logp, -(all_logp.exp() * all_logp).sum(-1)], -1)
+    logp = (F.linear(h, weight).float() / temperature).log_softmax(-1)
+    return torch.stack([logp.gather(-1, y[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)], -1)
 
 
 class TokenLogprob(torch.autograd.Function):
@@ -647,7 +641,7 @@ def collate(prompts, completions, pad_id, device):
 
 
 def micro_batches(prompts, comps, size, tokens=0):
-    """Indices, longest first, in micro-batches of `size`, or (tokens > 0) count × padded length ≤ tokens."""
+    """Indices, longest first, `size` a micro-batch, or (tokens > 0) count × padded length ≤ tokens."""
     order = sorted(range(len(comps)), key=lambda i: len(prompts[i]) + len(comps[i]), reverse=True)
     mbs = [[]]
     for i in order:
@@ -657,15 +651,10 @@ def micro_batches(prompts, comps, size, tokens=0):
             mbs[-1] = grown
         else:
             mbs.append([i])
-    return same_count_on_all_ranks(mbs)
-
-
-def same_count_on_all_ranks(mbs):
-    """FSDP2's collectives pair up across processes per forward and backward: every process runs as
-    many micro-batches as the busiest, the others splitting their largest."""
-    target = max(gather_all([len(mbs)]))
+    # FSDP2's collectives pair up across processes: all run as many micro-batches as the busiest
+    target = max(gather_all([len(mbs)]))  # a collective: once
     while len(mbs) < target:
-        i = max(range(len(mbs)), key=lambda j: len(mbs[j]))
+        i = max(range(len(mbs)), key=lambda j: len(mbs[j]))  # the largest, split in two
         mbs[i : i + 1] = [mbs[i][: len(mbs[i]) // 2], mbs[i][len(mbs[i]) // 2 :]]
     return mbs
 
@@ -739,9 +728,8 @@ def make_optimizer(policy, args, dev, state=None, world=1):
 
 # ---- Models, devices, θ*
 def device_and_dtype(args):
-    dev = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(dev if args.device == "auto" else args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         die(f"--device {args.device} but no CUDA GPU is visible")
     bf16_master = getattr(args, "master_dtype", "fp32") == "bf16"  # (eval.py has no such flag)
@@ -753,8 +741,8 @@ def device_and_dtype(args):
 
 @functools.cache
 def hub_offline():
-    """The local cache only when the hub does not answer in 3 s: then a load fails at once, not
-    after ~25 s of retries a file."""
+    """The local cache only when the hub does not answer in 3 s: a load then fails at once, not after
+    ~25 s of retries a file."""
     import socket
 
     import huggingface_hub.constants as hub
@@ -788,8 +776,8 @@ def load_model(name, device, dtype=torch.float32, insist_cpu=False):
         n = sum(p.numel() for p in Auto.from_config(cfg).parameters())
     if device.type == "cpu" and n >= 1e9 and not insist_cpu:
         die(f"no CUDA GPU: a {n / 1e9:.1f}B model on a CPU takes days; pass --device cpu to insist")
-    local = os.listdir(name) if os.path.isdir(name) else None
-    if local is not None and not any(f.endswith((".safetensors", ".bin")) for f in local):
+    files = os.listdir(name) if os.path.isdir(name) else [".safetensors"]
+    if not any(f.endswith((".safetensors", ".bin")) for f in files):
         torch.manual_seed(0)
         return Auto.from_config(cfg, dtype=dtype).to(device)
     return load_pretrained(Auto.from_pretrained, "model", name, dtype=dtype).to(device)
@@ -1112,15 +1100,18 @@ def load_eval_rows(run):
         run.eval_rows = rows[: a.eval_limit or None]
 
 
+def eager_decoder(decoder, model):
+    """The E-step decoder's kind, eager: graphs on a cache freed each time would be captured each time."""
+    return make_decoder(model, "hf" if isinstance(decoder, PlainDecoder) else "static")
+
+
 @torch.no_grad()
 def evaluate(run, step):
-    """The paper's test score, greedy, graded as eval.py grades. Eager: graphs on a cache freed each
-    time would be captured each time. → eval.jsonl"""
+    """The paper's test score, greedy, graded as eval.py grades. → eval.jsonl"""
     if not run.eval_rows or any(e["step"] == step for e in run.evals):
         return
     a, t0, rows = run.args, time.time(), run.eval_rows[run.rank :: run.world]
-    eager = "hf" if isinstance(run.decoder, PlainDecoder) else "static"  # the E-step's kind
-    decoder, grades, lens = make_decoder(run.theta_star, eager), [], []
+    decoder, grades, lens = eager_decoder(run.decoder, run.theta_star), [], []
     for i, part in enumerate(chunks(rows, run.eval_batch)):
         run.phase(f"eval {i * run.eval_batch}/{len(rows)}")
         ids = [r["ids"] for r in part]
@@ -1140,7 +1131,7 @@ def evaluate(run, step):
 
 def fit_memory(run, state):
     """The memory choices: the checkpoint's on --resume (the same samples), else probed, else the flags'."""
-    a = run.args
+    a, cuda = run.args, run.dev.type == "cuda"
     fit = dict(
         estep_prompts=a.prompts_per_step // run.world,
         keep_cache=True,
@@ -1151,12 +1142,10 @@ def fit_memory(run, state):
     if state and "fit" in state:  # the same samples; --eval-rows may change
         rows = min(a.eval_rows or state["fit"]["eval_batch"], len(run.eval_rows) or 1)
         fit = dict(state["fit"], eval_batch=rows)
-    elif a.memory_probe == "on" or (a.memory_probe == "auto" and run.dev.type == "cuda"):
+    elif a.memory_probe == "on" or (a.memory_probe == "auto" and cuda):
         probe_memory(run, fit)
     else:
-        say(
-            f"memory probe skipped ({'--memory-probe off' if run.dev.type == 'cuda' else 'no CUDA'})"
-        )
+        say(f"memory probe skipped ({'--memory-probe off' if cuda else 'no CUDA'})")
     run.__dict__.update(fit, fit=fit)
     a.micro_batch_size, a.micro_batch_tokens = fit["micro_batch_size"], fit["micro_batch_tokens"]
     if not fit["keep_cache"] and getattr(run.decoder, "compiled", False):
@@ -1164,17 +1153,15 @@ def fit_memory(run, state):
 
 
 def probe_memory(run, fit):
-    """The worst step first (the README's memory probe). What does not fit: fewer E-step prompts at a
-    time, then the KV cache freed before each M-step, then the micro-batch halved. (--sampler hf
-    grows its cache while decoding: only the prompts' part is met here.)"""
-    a, N, dev, pad = run.args, run.args.num_samples, run.dev, run.pad_id
-    P, new = max(len(r["ids"]) for r in run.rows + run.eval_rows), a.max_new_tokens
-    key = "micro_batch_tokens" if a.micro_batch_tokens else "micro_batch_size"
+    """The worst step first. What does not fit: fewer E-step prompts at a time, then the KV cache
+    freed before each M-step, then the micro-batch halved. (--sampler hf grows its cache while
+    decoding: only the prompts' part is met here.)"""
+    N, dev, pad, new = run.args.num_samples, run.dev, run.pad_id, run.args.max_new_tokens
+    P = max(len(r["ids"]) for r in run.rows + run.eval_rows)
+    key = "micro_batch_tokens" if run.args.micro_batch_tokens else "micro_batch_size"
     mem = torch.cuda.memory_allocated if dev.type == "cuda" else int
-    start = mem()
-    while not fits(
-        run.decoder.prefill, *left_pad([[pad] * P] * fit["estep_prompts"], pad, dev), N, new
-    ):
+    start, prefill = mem(), run.decoder.prefill
+    while not fits(prefill, *left_pad([[pad] * P] * fit["estep_prompts"], pad, dev), N, new):
         if fit["estep_prompts"] == 1:
             die(f"out of memory: {N} rows of {P} + {new} tokens do not fit the E-step")
         fit["estep_prompts"] //= 2
@@ -1190,17 +1177,18 @@ def probe_memory(run, fit):
             die(f"out of memory: one sequence of {P} + {new} tokens does not fit the M-step")
         else:
             fit[key] //= 2
+    gib = "not measured on a CPU"
     if dev.type == "cuda":  # evaluation: rows of full length in what is left beside the cache
         free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - mem()
         rows = int(0.8 * (free - 2 * size(run.policy)) * fit["estep_prompts"] * N / max(kv, 1))
         fit["eval_batch"] = max(1, min(fit["eval_batch"], rows))
-    total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else 0
-    gib = [f"{x / 2**30:.1f}" for x in (total, size(run.policy), kv, run.peak)]
-    sizes = f"weights {gib[1]}, AdamW 2×, KV cache {gib[2]}, M-step peak {gib[3]} of {gib[0]} GiB"
+        total = torch.cuda.get_device_properties(dev).total_memory
+        g = [f"{x / 2**30:.1f}" for x in (size(run.policy), kv, run.peak, total)]
+        gib = f"weights {g[0]}, AdamW 2×, KV cache {g[1]}, M-step peak {g[2]} of {g[3]} GiB"
     say(
-        f"memory: {sizes if total else 'not measured on a CPU'}; chose: E-step "
-        f"{fit['estep_prompts']} prompts at a time, {flag(key)} {fit[key]}, KV cache "
-        f"{'kept' if fit['keep_cache'] else 'freed'} in the M-step, eval {fit['eval_batch']} rows"
+        f"memory: {gib}; chose: E-step {fit['estep_prompts']} prompts at a time, {flag(key)} "
+        f"{fit[key]}, KV cache {'kept' if fit['keep_cache'] else 'freed'} in the M-step, eval "
+        f"{fit['eval_batch']} rows"
     )
 
 
@@ -1689,8 +1677,7 @@ def project(args, theta_star, prompts, res, decoder):
     496 of MATH-500) in greedy batches."""
     problems = args.eval_limit or {"math-hard": 496}.get(args.dataset, 1265)
     batch = [prompts[i % len(prompts)] for i in range(min(args.eval_rows or 512, problems))]
-    eager = "hf" if isinstance(decoder, PlainDecoder) else "static"  # as evaluate() decodes
-    decoder = make_decoder(theta_star, eager)
+    decoder = eager_decoder(decoder, theta_star)  # as evaluate() decodes
     greedy = functools.partial(sample, decoder, batch, 1, args.max_new_tokens, set(), 0, 0)
     timed(greedy, res, "eval_batch_s")
     steps, every = args.steps or {"math-hard": 272}.get(args.dataset, 225), args.eval_every

@@ -3,9 +3,9 @@ maj@k, length, truncation, lexical markers of reasoning, with empg.py's data, gr
 
     python eval.py --model Qwen/Qwen2.5-1.5B --model runs/Qwen2.5-1.5B-gsm8k-empg/checkpoint-000225
     python eval.py --model CKPT --dataset math500 --num-samples 8 --temperature 1.0  # pass@8, maj@8
-    python eval.py --grade completions.jsonl --task math           # grade text you already have"""
+    python eval.py --grade completions.jsonl --task math  # grade text you already have"""
 
-import json, math, os, re, time
+import json, math, os, re, tempfile, time
 from dataclasses import dataclass
 
 import torch
@@ -16,16 +16,18 @@ from empg import arg, die, grade
 # Behaviour markers: a LEXICAL PROXY for the paper's emergent behaviours (§5): phrase counts, not a
 # judgment of whether the model really verified or backtracked.
 MARKERS = {
-    "self_verification": ["let me check", "let's check", "let me verify", "let's verify", "verify",
-                          "double-check", "double check", "check our answer", "check the answer",
-                          "to confirm", "sanity check"],
-    "backtracking": ["wait", "let me reconsider", "let's reconsider", "reconsider", "alternatively",
-                     "on second thought", "i made a mistake", "that's not right", "that is not right",
-                     "let me try again", "mistake"],
-    "subgoal_setting": ["first,", "second,", "next,", "then,", "finally,", "step 1", "step 2",
-                        "step one", "let's break", "break this down", "break it down"],
-    "backward_chaining": ["working backwards", "work backwards", "working backward", "work backward",
-                          "starting from the answer", "start from the answer"],
+    "self_verification": [
+        "let me check", "let's check", "verify", "double-check", "double check", "check our answer",
+        "check the answer", "to confirm", "sanity check"],
+    "backtracking": [
+        "wait", "reconsider", "alternatively", "on second thought", "that's not right",
+        "that is not right", "let me try again", "mistake"],
+    "subgoal_setting": [
+        "first,", "second,", "next,", "then,", "finally,", "step 1", "step 2", "step one",
+        "break this down", "break it down"],
+    "backward_chaining": [
+        "working backwards", "work backwards", "working backward", "work backward",
+        "starting from the answer", "start from the answer"],
 }  # fmt: skip
 MARKER_RES = {
     k: [re.compile(r"(?<!\w)" + re.escape(p) + (r"(?!\w)" if p[-1].isalnum() else "")) for p in v]
@@ -38,19 +40,19 @@ GRADE_BUDGET_S, MAJ_BUDGET_S = 60, 30
 @dataclass
 class EvalArgs:
     model: list = arg((), "hub name or checkpoint dir; repeat to compare")
-    tokenizer: str = arg("", "tokenizer (default: the model's own)")
+    tokenizer: str = arg("", "default: the model's")
     dataset: str = arg("gsm8k", "gsm8k, math500 (= math-hard's test set), math-hard-l5, a .jsonl")
     data_dir: str = arg("", "a local copy laid out like ../shared/data")
     prompt_template: str = arg("", "with a {question} placeholder (default: the dataset's)")
     max_prompt_chars: int = arg(-1, "drop longer prompts (-1: empg's preset)", bounds="[-1, inf)")
-    stop_at_im_end: bool = arg(False, "end completions at <|im_end|> too (empg's flag)")
+    stop_at_im_end: bool = arg(False, "end completions at <|im_end|> too")
     limit: int = arg(0, "the first N problems only (0: all)")
     num_samples: int = arg(1, "k samples a problem (pass@k, maj@k)", bounds="[1, inf)")
     temperature: float = arg(0.0, "0 = greedy (the paper's test score)", bounds="[0, 10]")
     max_new_tokens: int = arg(1024, "completion length cap", bounds="[1, inf)")
     batch_size: int = arg(32, "problems per sampler call", bounds="[1, inf)")
     seed: int = arg(0, "sampling seed", bounds="[0, 2147483647]")
-    sampler: str = arg("auto", "decode loop (empg's make_decoder)", "auto compiled static hf")
+    sampler: str = arg("auto", "decode loop (empg's --sampler)", "auto compiled static hf")
     device: str = arg("auto", "auto, cuda, cuda:N or cpu")
     dtype: str = arg("auto", "auto: bf16 on CUDA", "auto bf16 fp32")
     output_dir: str = arg("", "default: eval_runs/<dataset>")
@@ -70,10 +72,10 @@ def pass_at_k(n, c, k):
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def majority_vote(answers, same=empg.answers_equal, budget_s=None):
+def majority_vote(answers, same=empg.answers_equal, budget_s=MAJ_BUDGET_S):
     """The most frequent answer up to `same` (None abstains; ties: the first); past budget_s seconds,
     equal strings only."""
-    groups, t0, budget_s = [], time.time(), MAJ_BUDGET_S if budget_s is None else budget_s
+    groups, t0 = [], time.time()
     for a in (a for a in answers if a is not None):
         for g in groups:
             if g[0] == a or (time.time() - t0 < budget_s and same(g[0], a)):
@@ -90,13 +92,10 @@ def score_problem(question, answer, completions, task, lengths=None, truncated=N
     for c in completions:  # past the problem's budget, equal strings only: no math-verify pile-up
         grades.append(grade(c, answer, task, verify=time.time() - t0 < GRADE_BUDGET_S))
     extracted = [g["extracted"] for g in grades]
-    if task == "gsm8k":
-        ref = ref.replace(",", "")
-        maj = majority_vote(extracted, same=str.__eq__)
-        maj_ok = maj == ref
-    else:
-        maj = majority_vote(extracted)
-        maj_ok = maj is not None and empg.answers_equal(maj, ref)
+    same = str.__eq__ if task == "gsm8k" else empg.answers_equal
+    ref = ref.replace(",", "") if task == "gsm8k" else ref
+    maj = majority_vote(extracted, same, MAJ_BUDGET_S)
+    maj_ok = maj is not None and same(maj, ref)
     correct = [g["correct"] for g in grades]
     return dict(question=question, answer=ref, completions=completions, extracted=extracted,
                 correct=correct, lenient=[g["lenient"] for g in grades],
@@ -108,7 +107,7 @@ def score_problem(question, answer, completions, task, lengths=None, truncated=N
 
 
 def mean_and_se(per_problem):
-    """The mean over problems and its standard error sqrt(s²/n) (±1.2 points at 0.744 on 1265)."""
+    """The mean over problems and its standard error sqrt(s²/n)."""
     n, m = len(per_problem), sum(per_problem) / max(len(per_problem), 1)
     var = sum((x - m) ** 2 for x in per_problem) / max(n - 1, 1)
     return m, math.sqrt(var / max(n, 1))
@@ -148,12 +147,11 @@ def sample_and_score(model_name, label, rows, task, template, args):
         prompts = [r["ids"] for r in batch] + [batch[-1]["ids"]] * (B - len(batch))
         comps = empg.sample(decoder, prompts, n, args.max_new_tokens, eos, tok.pad_token_id,
                             args.temperature, g)[: len(batch) * n]  # fmt: skip
-        texts = tok.batch_decode(comps)  # special tokens kept: the MATH grader cuts at them
+        texts = tok.batch_decode(comps)  # special tokens kept, as in empg.train()
         for j, r in enumerate(batch):
             cs, ts = comps[j * n : (j + 1) * n], texts[j * n : (j + 1) * n]
             cut = [len(c) == args.max_new_tokens and c[-1] not in eos for c in cs]
-            lengths = [len(c) for c in cs]
-            out.append(score_problem(r["question"], r["answer"], ts, task, lengths, cut))
+            out.append(score_problem(r["question"], r["answer"], ts, task, list(map(len, cs)), cut))
         bar.update(len(batch))
         bar.set_postfix(acc=f"{sum(x for r in out for x in r['correct']) / (len(out) * n):.3f}")
     bar.close()
@@ -167,7 +165,7 @@ def load_graded_rows(path):
         c = [c] if isinstance(c, str) else c
         ok = isinstance(c, list) and c and all(isinstance(x, str) for x in c)
         if "answer" not in r or not ok:
-            die(f"{path}:{n} needs 'completion' (a string or a list of strings) and 'answer'")
+            die(f"{path}:{n} needs 'completion' (a string or list of strings) and 'answer'")
         rows.append((r.get("question", ""), str(r["answer"]), c))
     if len({len(c) for _, _, c in rows}) > 1:
         die(f"{path}: every row must have the same number of completions")
@@ -186,9 +184,9 @@ def labels(names):
 
 def table(summaries, names):
     """Metrics down, models across."""
-    skip = ("model", "dataset", "problems", "samples_per_problem", "length_unit", "temperature",
-            "max_new_tokens", "max_prompt_chars")  # fmt: skip
-    keys = [k for k in next(iter(summaries.values())) if k not in skip and not k.endswith("_se")]
+    first = next(iter(summaries.values()))
+    keys = [k for k, v in first.items() if type(v) is float and not k.endswith("_se")]
+    keys = [k for k in keys if k != "temperature"]  # the metrics: the float columns
     cell = lambda s, k: (
         (f"{s[k]:.1f}" if k == "mean_length" else f"{s[k]:.3f}")
         + (f" ±{s[k + '_se']:.3f}" if k + "_se" in s else "")
@@ -206,8 +204,7 @@ def writable_dir(path):
     """Tested before any work: a bad path fails now, not after hours."""
     try:
         os.makedirs(path, exist_ok=True)
-        open(f"{path}/.write-test", "w").close()
-        os.remove(f"{path}/.write-test")
+        tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
         die(f"cannot write to --output-dir {path}: {e.strerror}")
     return path
