@@ -1153,9 +1153,9 @@ def fit_memory(run, state):
 
 
 def probe_memory(run, fit):
-    """The worst step first. What does not fit: fewer E-step prompts at a time, then the KV cache
-    freed before each M-step, then the micro-batch halved. (--sampler hf grows its cache while
-    decoding: only the prompts' part is met here.)"""
+    """The worst step first. What does not fit: fewer E-step prompts at a time (a divisor of this
+    process's share), then the KV cache freed before each M-step, then the micro-batch halved.
+    (--sampler hf grows its cache while decoding: only the prompts' part is met here.)"""
     N, dev, pad, new = run.args.num_samples, run.dev, run.pad_id, run.args.max_new_tokens
     P = max(len(r["ids"]) for r in run.rows + run.eval_rows)
     key = "micro_batch_tokens" if run.args.micro_batch_tokens else "micro_batch_size"
@@ -1164,7 +1164,8 @@ def probe_memory(run, fit):
     while not fits(prefill, *left_pad([[pad] * P] * fit["estep_prompts"], pad, dev), N, new):
         if fit["estep_prompts"] == 1:
             die(f"out of memory: {N} rows of {P} + {new} tokens do not fit the E-step")
-        fit["estep_prompts"] //= 2
+        k = run.args.prompts_per_step // run.world  # equal slices: one cache shape, one graph set
+        fit["estep_prompts"] = max(d for d in range(1, fit["estep_prompts"] // 2 + 1) if k % d == 0)
     kv = mem() - start
     while True:  # an M-step forward + backward on a micro-batch of the longest sequences
         rows = max(1, fit[key] // (P + new)) if key == "micro_batch_tokens" else fit[key]

@@ -1532,6 +1532,19 @@ def test_the_e_step_in_chunks_gives_every_sample_and_resumes_exactly(
     )
 
 
+def test_the_e_step_slices_are_equal_so_one_kv_cache_serves_them(
+    model_dir, toy_jsonl, tmp_path, monkeypatch, capsys
+):
+    """9 prompts, a prefill of 4 fits: 3 at a time (a divisor of 9), not 4 + 4 + 1, whose last slice
+    would reallocate the KV cache twice a step (and, compiled, capture new graphs each time)."""
+    inject_oom(monkeypatch, prefill_rows=4)
+    argv = train_argv(
+        model_dir, str(tmp_path / "o"), toy_jsonl, "--steps", "1", "--memory-probe", "on"
+    )
+    empg.train(empg.parse_args(argv + ["--prompts-per-step", "9"]))
+    assert "E-step 3 prompts at a time" in capsys.readouterr().err
+
+
 def test_out_of_memory_mid_run_is_one_line_and_resume_continues(
     model_dir, toy_jsonl, tmp_path, monkeypatch, capsys
 ):
