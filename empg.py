@@ -1160,11 +1160,12 @@ def probe_memory(run, fit):
     P = max(len(r["ids"]) for r in run.rows + run.eval_rows)
     key = "micro_batch_tokens" if run.args.micro_batch_tokens else "micro_batch_size"
     mem = torch.cuda.memory_allocated if dev.type == "cuda" else int
-    start, prefill = mem(), run.decoder.prefill
-    while not fits(prefill, *left_pad([[pad] * P] * fit["estep_prompts"], pad, dev), N, new):
+    k = run.args.prompts_per_step // run.world  # this process's prompts, in equal slices below
+    start, fill = mem(), run.decoder.prefill
+    while not fits(fill, *left_pad([[pad] * P] * fit["estep_prompts"], pad, dev), N, new):
         if fit["estep_prompts"] == 1:
             die(f"out of memory: {N} rows of {P} + {new} tokens do not fit the E-step")
-        k = run.args.prompts_per_step // run.world  # equal slices: one cache shape, one graph set
+        # a divisor of k: every slice the same shape, so one KV cache (and graph set) serves them
         fit["estep_prompts"] = max(d for d in range(1, fit["estep_prompts"] // 2 + 1) if k % d == 0)
     kv = mem() - start
     while True:  # an M-step forward + backward on a micro-batch of the longest sequences
